@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Train or fine-tune a causal language model (GPT, GPT-2, ...) on text.
+
+Example:
+    python run_clm.py --model_name_or_path gpt2 --dataset_name wikitext \
+        --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval --output_dir outputs/clm
+"""
+
+import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForCausalLM, set_seed
+
+from utils.arguments import parse_args
+from utils.checkpoints import checkpoint_to_resume
+from utils.cli import run_cli, setup_logging
+from utils.collators import CausalLMCollator
+from utils.data import load_raw_datasets, num_samples, prepare_datasets
+from utils.metrics import TokenAccuracy
+from utils.modeling import load_config, load_model, load_tokenizer, resolve_seq_len
+from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CausalLMArguments:
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Length of the training blocks the text is packed into (default: the model's maximum, at most 1024)."},
+    )
+
+
+def main():
+    model_args, data_args, clm_args, training_args = parse_args(CausalLMArguments)
+    setup_logging(training_args)
+    checkpoint = checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+
+    raw_datasets = load_raw_datasets(model_args, data_args)
+    config = load_config(model_args, AutoModelForCausalLM)
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, config, tokenizer, AutoModelForCausalLM)
+
+    block_size = resolve_seq_len(clm_args.block_size, tokenizer, config, "--block_size")
+    samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
+                               cache_dir=model_args.cache_dir)
+
+    trainer = LMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=samples.get("train"),
+        eval_dataset=samples.get("eval"),
+        processing_class=tokenizer,
+        data_collator=CausalLMCollator(),
+        accuracy=TokenAccuracy(shift=True),
+    )
+    if training_args.do_train:
+        train_and_save(trainer, checkpoint, num_samples(samples["train"]), float(block_size))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, num_samples(samples["eval"]))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Train or fine-tune a masked language model (BERT, RoBERTa, DistilBERT, ALBERT, ...) on text.
+
+Tokens are masked dynamically: each batch draws a new mask.
+
+Example:
+    python run_mlm.py --model_name_or_path roberta-base --dataset_name wikitext \
+        --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval --output_dir outputs/mlm
+"""
+
+import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForMaskedLM, set_seed
+
+from utils.arguments import SequenceArguments, parse_args
+from utils.checkpoints import checkpoint_to_resume
+from utils.cli import run_cli, setup_logging
+from utils.collators import MaskedLMCollator
+from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
+from utils.errors import UsageError
+from utils.metrics import TokenAccuracy
+from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
+from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MaskedLMArguments(SequenceArguments):
+    mlm_probability: float = field(
+        default=0.15, metadata={"help": "Share of tokens masked for the masked-LM loss."}
+    )
+
+
+def main():
+    model_args, data_args, mlm_args, training_args = parse_args(MaskedLMArguments)
+    setup_logging(training_args)
+    if not 0 < mlm_args.mlm_probability < 1:
+        raise UsageError(f"--mlm_probability {mlm_args.mlm_probability}: give a number between 0 and 1")
+    checkpoint = checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+
+    raw_datasets = load_raw_datasets(model_args, data_args)
+    config = load_config(model_args, AutoModelForMaskedLM)
+    tokenizer = load_tokenizer(model_args)
+    require_mask_token(tokenizer, "masked language modeling")
+    model = load_model(model_args, config, tokenizer, AutoModelForMaskedLM)
+
+    seq_len = resolve_seq_len(mlm_args.max_seq_length, tokenizer, config, "--max_seq_length")
+    samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
+                               line_by_line=mlm_args.line_by_line, pad_to_max_length=mlm_args.pad_to_max_length,
+                               cache_dir=model_args.cache_dir)
+    collator = MaskedLMCollator(
+        tokenizer=tokenizer,
+        mlm_probability=mlm_args.mlm_probability,
+        # Multiples of 8 use tensor cores well, unless everything is padded to one length anyway.
+        pad_to_multiple_of=8 if mlm_args.line_by_line and not mlm_args.pad_to_max_length else None,
+    )
+
+    trainer = LMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=samples.get("train"),
+        eval_dataset=samples.get("eval"),
+        processing_class=tokenizer,
+        data_collator=collator,
+        accuracy=TokenAccuracy(),
+    )
+    if training_args.do_train:
+        train_and_save(trainer, checkpoint, num_samples(samples["train"]),
+                       tokens_per_sample(samples["train"], seq_len, mlm_args.line_by_line))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, num_samples(samples["eval"]))
+
+
+if __name__ == "__main__":
+    run_cli(main)

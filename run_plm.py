@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Train or fine-tune a permutation language model (XLNet) on text.
+
+Example:
+    python run_plm.py --model_name_or_path xlnet-base-cased --dataset_name wikitext \
+        --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval --output_dir outputs/plm
+"""
+
+import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import XLNetLMHeadModel, set_seed
+
+from utils.arguments import SequenceArguments, parse_args
+from utils.checkpoints import checkpoint_to_resume
+from utils.cli import run_cli, setup_logging
+from utils.collators import PermutationLMCollator
+from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
+from utils.errors import UsageError
+from utils.metrics import TokenAccuracy
+from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
+from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PermutationLMArguments(SequenceArguments):
+    max_seq_length: int | None = field(
+        default=512, metadata={"help": "Sequence length after tokenization; must be even."}
+    )
+    plm_probability: float = field(
+        default=1 / 6,
+        metadata={"help": "Ratio of the length of a span of masked tokens to the surrounding context."},
+    )
+    max_span_length: int = field(
+        default=5, metadata={"help": "Longest span of masked tokens."}
+    )
+
+
+def main():
+    model_args, data_args, plm_args, training_args = parse_args(PermutationLMArguments)
+    setup_logging(training_args)
+    if plm_args.max_seq_length is not None and plm_args.max_seq_length % 2:
+        raise UsageError(f"--max_seq_length {plm_args.max_seq_length}: permutation LM needs an even length, "
+                         f"e.g. {plm_args.max_seq_length + 1}")
+    if not 0 < plm_args.plm_probability < 1 or plm_args.max_span_length < 1:
+        raise UsageError("--plm_probability must lie between 0 and 1, and --max_span_length be at least 1")
+    checkpoint = checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+
+    raw_datasets = load_raw_datasets(model_args, data_args)
+    config = load_config(model_args, XLNetLMHeadModel)
+    tokenizer = load_tokenizer(model_args)
+    require_mask_token(tokenizer, "permutation language modeling")
+    model = load_model(model_args, config, tokenizer, XLNetLMHeadModel)
+
+    seq_len = resolve_seq_len(plm_args.max_seq_length, tokenizer, config, "--max_seq_length")
+    seq_len -= seq_len % 2  # a clamp to an odd model maximum must still give an even length
+    samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
+                               line_by_line=plm_args.line_by_line, pad_to_max_length=plm_args.pad_to_max_length,
+                               cache_dir=model_args.cache_dir)
+    collator = PermutationLMCollator(
+        tokenizer=tokenizer, plm_probability=plm_args.plm_probability, max_span_length=plm_args.max_span_length
+    )
+
+    trainer = LMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=samples.get("train"),
+        eval_dataset=samples.get("eval"),
+        processing_class=tokenizer,
+        data_collator=collator,
+        accuracy=TokenAccuracy(),
+    )
+    if training_args.do_train:
+        train_and_save(trainer, checkpoint, num_samples(samples["train"]),
+                       tokens_per_sample(samples["train"], seq_len, plm_args.line_by_line))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, num_samples(samples["eval"]))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,159 @@
+"""Command-line arguments shared by the three scripts.
+
+The flags keep the names, meanings and defaults of the Hugging Face language-modeling
+examples, so that a user's existing command lines work unchanged. Each script adds a small
+dataclass of its own flags (``--block_size``, ``--mlm_probability``, ...).
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import UsageError
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to start from."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model to fine-tune: a hub name (e.g. gpt2) or a local folder. Leave unset to train from scratch."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Architecture to build from scratch (e.g. gpt2, bert, roberta, xlnet) when no model is given."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "From scratch only: comma-separated config changes, e.g. n_embd=64,n_layer=2,resid_pdrop=0.2."},
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config name or path, if not the same as the model."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the same as the model."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where to keep models and datasets downloaded from the hub, and our tokenized datasets."},
+    )
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Use a fast (Rust) tokenizer where one exists."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Hub revision to use: a branch, tag or commit id."}
+    )
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token for private models or datasets (default: the one from `hf auth login`)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models and tokenizers defined by code on the hub. Only for repositories you trust."},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the model weights in this dtype ('auto' takes the checkpoint's).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+            "aliases": ["--torch_dtype"],
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which text to train and evaluate on, and how to prepare it."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset name on the hub (e.g. wikitext), or a local dataset folder."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The dataset's configuration (e.g. wikitext-2-raw-v1)."}
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training text: a .txt, .csv, .json or .jsonl file."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation text, of the same type as --train_file."}
+    )
+    text_column_name: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the text in csv/json data (default: 'text' if present, else the first column)."},
+    )
+    validation_split_percentage: int = field(
+        default=5,
+        metadata={"help": "Percent of the training data held out for evaluation when there is no validation split."},
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on at most this many samples (blocks); only the text they need is tokenized."},
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many samples (blocks)."}
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenize again even when a matching cached dataset exists."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes used for tokenization."}
+    )
+    keep_linebreaks: bool = field(
+        default=True, metadata={"help": "Keep line breaks in .txt files."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Read the data as a stream instead of preparing it all first (needs --max_steps)."}
+    )
+
+
+@dataclass
+class SequenceArguments:
+    """How mlm and plm cut text into sequences."""
+
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Sequence length after tokenization (default: the model's maximum, at most 1024)."},
+    )
+    line_by_line: bool = field(
+        default=False, metadata={"help": "Treat each non-empty line as one sequence instead of packing the text into blocks."}
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every sequence to --max_seq_length in preprocessing instead of per batch."},
+    )
+
+
+@dataclass
+class LMTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments plus the flags this suite adds."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in a non-empty --output_dir instead of resuming from its last checkpoint."},
+    )
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):
+        # argparse's default prints the whole usage text; one line is easier to act on.
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def parse_args(*task_dataclasses):
+    """Parse ModelArguments, DataArguments, the task's own dataclasses and LMTrainingArguments.
+
+    A single ``.json`` argument is read as a file of flags, as in the Hugging Face examples.
+    Returns the instances in that order.
+    """
+    types = (ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments)
+    parser = _Parser(types)
+    try:
+        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+            return parser.parse_json_file(json_file=sys.argv[1])
+        return parser.parse_args_into_dataclasses()
+    except (ValueError, json.JSONDecodeError, FileNotFoundError) as err:
+        # TrainingArguments validates flag combinations in __post_init__ with ValueError.
+        raise UsageError(" ".join(str(err).split())) from None

@@ -1,0 +1,35 @@
+"""What every script does around its recipe: logging, and turning user errors into one line."""
+
+import logging
+import sys
+
+import datasets
+import transformers
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logging.getLogger("utils").setLevel(level)
+    logging.getLogger("__main__").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def run_cli(main) -> None:
+    """Run ``main()``; a UsageError becomes ``error: ...`` on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)

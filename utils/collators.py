@@ -1,0 +1,49 @@
+"""Batch builders for the three objectives. Labels and masks are made here, per batch."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers import DataCollatorForLanguageModeling, DataCollatorForPermutationLanguageModeling
+
+
+def _input_ids(examples) -> list:
+    return [e["input_ids"] if isinstance(e, Mapping) else e for e in examples]
+
+
+class CausalLMCollator:
+    """Stacks equal-length blocks; the labels are the inputs (the model shifts them)."""
+
+    def __call__(self, examples) -> dict:
+        input_ids = torch.as_tensor(_input_ids(examples), dtype=torch.long)
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+@dataclass
+class MaskedLMCollator(DataCollatorForLanguageModeling):
+    """Dynamic masking, with the special-token mask computed on the whole batch at once."""
+
+    def torch_mask_tokens(self, inputs, special_tokens_mask=None, **kwargs):
+        if special_tokens_mask is None:
+            # The parent asks the tokenizer row by row in Python; one isin does the same.
+            special_ids = torch.tensor(self.tokenizer.all_special_ids, device=inputs.device)
+            special_tokens_mask = torch.isin(inputs, special_ids)
+        return super().torch_mask_tokens(inputs, special_tokens_mask, **kwargs)
+
+
+@dataclass
+class PermutationLMCollator(DataCollatorForPermutationLanguageModeling):
+    """XLNet's permutation objective; pads each batch to an even length, which the objective needs."""
+
+    def torch_call(self, examples) -> dict:
+        rows = [torch.as_tensor(ids, dtype=torch.long) for ids in _input_ids(examples)]
+        length = max(len(row) for row in rows)
+        length += length % 2
+        batch = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.tokenizer.padding_side == "left":
+                batch[i, length - len(row):] = row
+            else:
+                batch[i, : len(row)] = row
+        inputs, perm_mask, target_mapping, labels = self.torch_mask_tokens(batch)
+        return {"input_ids": inputs, "perm_mask": perm_mask, "target_mapping": target_mapping, "labels": labels}
