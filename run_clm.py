@@ -11,11 +11,11 @@ import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
 import logging
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, set_seed
+from transformers import AutoModelForCausalLM
 
 from utils.arguments import parse_args
 from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli, setup_logging
+from utils.cli import run_cli
 from utils.collators import CausalLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets
 from utils.metrics import TokenAccuracy
@@ -34,10 +34,9 @@ class CausalLMArguments:
 
 
 def main():
+    # Parsing also sets up logging, picks the device (NPU, CUDA, CPU) and seeds it.
     model_args, data_args, clm_args, training_args = parse_args(CausalLMArguments)
-    setup_logging(training_args)
     checkpoint = checkpoint_to_resume(training_args)
-    set_seed(training_args.seed)
 
     raw_datasets = load_raw_datasets(model_args, data_args)
     config = load_config(model_args, AutoModelForCausalLM)

@@ -13,11 +13,11 @@ import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
 import logging
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForMaskedLM, set_seed
+from transformers import AutoModelForMaskedLM
 
 from utils.arguments import SequenceArguments, parse_args
 from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli, setup_logging
+from utils.cli import run_cli
 from utils.collators import MaskedLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
 from utils.errors import UsageError
@@ -36,12 +36,11 @@ class MaskedLMArguments(SequenceArguments):
 
 
 def main():
+    # Parsing also sets up logging, picks the device (NPU, CUDA, CPU) and seeds it.
     model_args, data_args, mlm_args, training_args = parse_args(MaskedLMArguments)
-    setup_logging(training_args)
     if not 0 < mlm_args.mlm_probability < 1:
         raise UsageError(f"--mlm_probability {mlm_args.mlm_probability}: give a number between 0 and 1")
     checkpoint = checkpoint_to_resume(training_args)
-    set_seed(training_args.seed)
 
     raw_datasets = load_raw_datasets(model_args, data_args)
     config = load_config(model_args, AutoModelForMaskedLM)

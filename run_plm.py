@@ -11,11 +11,11 @@ import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
 import logging
 from dataclasses import dataclass, field
 
-from transformers import XLNetLMHeadModel, set_seed
+from transformers import XLNetLMHeadModel
 
 from utils.arguments import SequenceArguments, parse_args
 from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli, setup_logging
+from utils.cli import run_cli
 from utils.collators import PermutationLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
 from utils.errors import UsageError
@@ -41,15 +41,14 @@ class PermutationLMArguments(SequenceArguments):
 
 
 def main():
+    # Parsing also sets up logging, picks the device (NPU, CUDA, CPU) and seeds it.
     model_args, data_args, plm_args, training_args = parse_args(PermutationLMArguments)
-    setup_logging(training_args)
     if plm_args.max_seq_length is not None and plm_args.max_seq_length % 2:
         raise UsageError(f"--max_seq_length {plm_args.max_seq_length}: permutation LM needs an even length, "
                          f"e.g. {plm_args.max_seq_length + 1}")
     if not 0 < plm_args.plm_probability < 1 or plm_args.max_span_length < 1:
         raise UsageError("--plm_probability must lie between 0 and 1, and --max_span_length be at least 1")
     checkpoint = checkpoint_to_resume(training_args)
-    set_seed(training_args.seed)
 
     raw_datasets = load_raw_datasets(model_args, data_args)
     config = load_config(model_args, XLNetLMHeadModel)

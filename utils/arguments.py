@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .cli import setup_logging
+from .device import finish_device_setup, setup_device
 from .errors import UsageError
 
 
@@ -146,14 +148,21 @@ def parse_args(*task_dataclasses):
     """Parse ModelArguments, DataArguments, the task's own dataclasses and LMTrainingArguments.
 
     A single ``.json`` argument is read as a file of flags, as in the Hugging Face examples.
-    Returns the instances in that order.
+    Also sets up logging, and the device: it must be chosen before TrainingArguments exist,
+    because building them already starts the process group. Returns the instances in order.
     """
     types = (ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments)
     parser = _Parser(types)
+    device = setup_device(parser)
     try:
         if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            return parser.parse_json_file(json_file=sys.argv[1])
-        return parser.parse_args_into_dataclasses()
+            parsed = parser.parse_json_file(json_file=sys.argv[1])
+        else:
+            parsed = parser.parse_args_into_dataclasses()
     except (ValueError, json.JSONDecodeError, FileNotFoundError) as err:
         # TrainingArguments validates flag combinations in __post_init__ with ValueError.
         raise UsageError(" ".join(str(err).split())) from None
+    training_args = parsed[-1]
+    setup_logging(training_args)
+    finish_device_setup(training_args, device)  # also seeds every device
+    return parsed

@@ -9,6 +9,8 @@ from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
+LAUNCHER_LOG = "train.log"
+
 
 def checkpoint_to_resume(training_args) -> str | None:
     """The checkpoint to resume from; refuses to write into a non-empty --output_dir that has none."""
@@ -25,7 +27,8 @@ def checkpoint_to_resume(training_args) -> str | None:
     if last is not None:
         logger.info("Resuming from %s (add --overwrite_output_dir to start over)", last)
         return last
-    if os.listdir(output_dir):
+    # A launcher's log may already be there: it is not a result to protect.
+    if set(os.listdir(output_dir)) - {LAUNCHER_LOG}:
         raise UsageError(
             f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
             "choose another folder, or add --overwrite_output_dir to train over it"

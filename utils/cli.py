@@ -17,6 +17,9 @@ def setup_logging(training_args) -> None:
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    if training_args.should_log:
+        # The default log_level is "passive"; like the Hugging Face examples, show info then.
+        transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
     logging.getLogger("utils").setLevel(level)
     logging.getLogger("__main__").setLevel(level)

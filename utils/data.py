@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Bump when the stored layout of a prepared split changes, so old cache entries are not reused.
 CACHE_FORMAT = 1
-BUILDERS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json"}
+# Plain text also under WikiText's own extensions (.raw, .tokens).
+BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 STREAM_GROUP_ROWS = 1000  # rows packed together when grouping a stream on the fly
 
 
@@ -73,7 +74,7 @@ def _load_files(model_args, data_args):
     if len(set(kinds.values())) > 1:
         raise UsageError(
             f"--train_file {data_args.train_file} and --validation_file {data_args.validation_file} "
-            "must be of the same type (both .txt, both .csv or both .json/.jsonl)"
+            "must be of the same type (both text, both .csv or both .json/.jsonl)"
         )
     builder = next(iter(kinds.values()))
     extra = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
@@ -96,7 +97,7 @@ def _check_text_file(flag: str, path: str) -> str:
         raise UsageError(f"{flag} {path}: no such file")
     extension = os.path.basename(path).rpartition(".")[2].lower() if "." in os.path.basename(path) else ""
     if extension not in BUILDERS:
-        raise UsageError(f"{flag} {path}: unsupported file type '.{extension}'; use .txt, .csv, .json or .jsonl")
+        raise UsageError(f"{flag} {path}: unsupported file type '.{extension}'; use .txt (or .raw/.tokens), .csv, .json or .jsonl")
     try:
         with open(path, "rb") as handle:
             handle.read(1)
@@ -252,6 +253,7 @@ class SampleRecipe:
             remove_columns=rows.column_names,
             features=self._features(),
             cache_file_name=os.path.join(workdir, f"tokens-{len(rows)}.arrow"),
+            load_from_cache_file=False,
             desc="Tokenizing",
         )
 
@@ -301,11 +303,13 @@ def _cached(recipe: SampleRecipe, rows: Dataset, max_samples: int | None, overwr
     if os.path.isdir(path) and not overwrite:
         logger.info("Reusing tokenized data from %s", path)
         return load_from_disk(path)
-    logger.info("Tokenizing %d rows%s; caching the result in %s", len(rows),
+    logger.info("Tokenizing (from %d rows of text)%s; caching the result in %s", len(rows),
                 " again (--overwrite_cache)" if overwrite else "", path)
     os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as workdir:
         samples = recipe.build(rows, max_samples, workdir)
+        if len(samples) == 0:
+            return samples  # nothing worth caching; the caller reports it
         staging = os.path.join(workdir, "samples")
         samples.save_to_disk(staging)
         # Publish atomically: a run killed mid-save leaves no half-written entry behind.
