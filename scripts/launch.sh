@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Start run_TASK.py under torchrun with the reference-run defaults.
+#
+#   scripts/launch.sh clm|mlm|plm [flags for run_TASK.py...]
+#
+# Usually called through scripts/train_{clm,mlm,plm}_{1p,8p}.sh. The defaults reproduce the
+# reference runs (gpt2 / roberta-base / xlnet-base-cased on WikiText-2 raw, batch 8 per device,
+# fp16 O2 with combined gradients, 3 epochs). Your flags come after them and the last
+# occurrence of a flag wins, so `--num_train_epochs 1` or `--output_dir x` simply override.
+#
+# Train from scratch: pass --model_type (with --config_overrides, --tokenizer_name), or set
+# MODEL="" -- either drops the default --model_name_or_path. Passing --train_file or
+# --dataset_name, or DATASET="", drops the default WikiText dataset flags.
+#
+# Environment (all optional):
+#   NPROC_PER_NODE   processes, one per device, on this node (the wrappers default to 1 or 8);
+#                    more than the visible CUDA/NPU devices stops with an error, CPU takes any
+#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   torchrun multi-node settings (1 0 127.0.0.1 29500)
+#   DEVICE           npu | cuda | cpu; unset takes the first usable of NPU, CUDA, CPU.
+#                    npu sources scripts/env_npu.sh. Passed on to Python as LM_DEVICE.
+#   MODEL            --model_name_or_path (default per task)
+#   DATASET DATASET_CONFIG   --dataset_name / --dataset_config_name (wikitext, wikitext-2-raw-v1)
+#   AMP_FLAGS        "--fp16 --fp16_opt_level O2 --use_combine_grad"; AMP_FLAGS="" trains in fp32
+#   OUTPUT_DIR       default outputs/TASK_Np, relative to the current directory
+#   PYTHON           interpreter (python)
+#
+# Output: OUTPUT_DIR/train.log holds everything the run printed (train_node<N>.log on other
+# nodes) and ends with one summary row (format: utils/summary.py), found with
+#   grep '^| ' OUTPUT_DIR/train.log | tail -1
+#   | gpt2 | 8p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |
+# While the run goes, and after a failed run, the log is the temporary file named on its first line.
+# Bad settings (DEVICE, NPROC_PER_NODE above the visible devices, ...) stop it before torchrun
+# starts, with one "error: ..." line and exit status 2.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# True when --NAME or --NAME=... is among the remaining arguments.
+has_flag() {
+    local name=$1 arg
+    shift
+    for arg in "$@"; do
+        [[ $arg == "--$name" || $arg == "--$name="* ]] && return 0
+    done
+    return 1
+}
+
+# The value of the last --NAME VALUE or --NAME=VALUE among the remaining arguments.
+last_value() {
+    local name=$1 value=""
+    shift
+    while (($#)); do
+        case $1 in
+            "--$name") value=${2-}; (($# > 1)) && shift ;;
+            "--$name="*) value=${1#*=} ;;
+        esac
+        shift
+    done
+    printf '%s' "$value"
+}
+
+TASK="${1-}"
+case $TASK in
+    clm) default_model=gpt2 ;;
+    mlm) default_model=roberta-base ;;
+    plm) default_model=xlnet-base-cased ;;
+    *) die "TASK must be clm, mlm or plm: scripts/launch.sh clm|mlm|plm [flags...]" ;;
+esac
+shift
+
+NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+[[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$NPROC_PER_NODE: give a positive whole number"
+[[ $NNODES =~ ^[1-9][0-9]*$ ]] || die "NNODES=$NNODES: give a positive whole number"
+devices="$((NPROC_PER_NODE * NNODES))p"
+
+DEVICE="${DEVICE:-${LM_DEVICE:-}}"
+case $DEVICE in
+    npu | cuda | cpu | "") ;;
+    *) die "DEVICE=$DEVICE: use npu, cuda or cpu, or leave it unset" ;;
+esac
+if [[ $DEVICE == npu ]]; then
+    set +u  # CANN's set_env.sh reads variables that may be unset
+    # shellcheck source=scripts/env_npu.sh
+    . "$ROOT/scripts/env_npu.sh"
+    set -u
+fi
+export LM_DEVICE="$DEVICE"
+
+# Fail before torchrun starts N processes: the device must load and have enough units.
+device=$("$PYTHON" -m utils.device --nproc "$NPROC_PER_NODE") || exit 2
+if [[ $device == cpu ]]; then
+    # Makes transformers build a gloo process group even if --use_cpu is not passed.
+    export ACCELERATE_USE_CPU=true
+fi
+
+defaults=()
+model="${MODEL-$default_model}"
+if [[ -n $model ]] && ! has_flag model_type "$@" && ! has_flag model_name_or_path "$@"; then
+    defaults+=(--model_name_or_path "$model")
+fi
+dataset="${DATASET-wikitext}"
+if [[ -n $dataset ]] && ! has_flag dataset_name "$@" && ! has_flag train_file "$@"; then
+    defaults+=(--dataset_name "$dataset" --dataset_config_name "${DATASET_CONFIG:-wikitext-2-raw-v1}")
+fi
+default_amp="--fp16 --fp16_opt_level O2 --use_combine_grad"
+read -r -a amp_flags <<<"${AMP_FLAGS-$default_amp}"
+defaults+=(
+    --per_device_train_batch_size 8
+    --per_device_eval_batch_size 8
+    --do_train
+    --do_eval
+    "${amp_flags[@]}"
+    --num_train_epochs 3
+    --save_steps 100000
+    --output_dir "${OUTPUT_DIR:-outputs/${TASK}_${devices}}"
+)
+flags=("${defaults[@]}" "$@")
+output_dir=$(last_value output_dir "${flags[@]}")
+
+[[ -f $ROOT/run_${TASK}.py ]] || die "$ROOT/run_${TASK}.py not found"
+cmd=(
+    "$PYTHON" -m torch.distributed.run
+    --nproc_per_node="$NPROC_PER_NODE"
+    --nnodes="$NNODES"
+    --node_rank="$NODE_RANK"
+    --master_addr="${MASTER_ADDR:-127.0.0.1}"
+    --master_port="${MASTER_PORT:-29500}"
+    "$ROOT/run_${TASK}.py" "${flags[@]}"
+)
+
+# The run refuses a non-empty --output_dir that holds no checkpoint, so the log goes to a
+# temporary file and moves in once the run has succeeded; a failed run leaves the folder as it was.
+node_suffix=""
+[[ $NODE_RANK == 0 ]] || node_suffix="_node${NODE_RANK}"
+live_log=$(mktemp "${TMPDIR:-/tmp}/train_${TASK}${node_suffix}.XXXXXX.log")
+
+status=0
+{
+    echo "device: $device, $devices; log: $live_log"
+    echo "command: ${cmd[*]}"
+    "${cmd[@]}"
+} 2>&1 | tee "$live_log" || status=$?
+if ((status != 0)); then
+    echo "error: run_${TASK}.py failed (exit $status); its log is $live_log" >&2
+    exit "$status"
+fi
+
+log="$output_dir/train${node_suffix}.log"
+mkdir -p "$output_dir"
+mv "$live_log" "$log"
+# Results are written by global rank 0, which runs on node 0.
+[[ $NODE_RANK == 0 ]] || exit 0
+"$PYTHON" -m utils.summary "$output_dir" --devices "$devices" -- "${flags[@]}" 2>&1 | tee -a "$log"

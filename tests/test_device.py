@@ -1,0 +1,315 @@
+"""Device choice, NPU failure messages, the launchers' pre-flight checks and the summary row."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import utils  # noqa: E402,F401  (before torch, as in the scripts)
+import torch  # noqa: E402
+
+from utils import device, summary  # noqa: E402
+from utils.errors import UsageError  # noqa: E402
+
+CANN_MISSING = "libhccl.so: cannot open shared object file: No such file or directory"
+ABI_MISMATCH = "/site-packages/torch_npu/lib/libtorch_npu.so: undefined symbol: _ZN3c1010TensorImpl7stridesEv"
+# Variables the launcher and utils.device read; tests set the ones they need.
+DEVICE_ENV = ("LM_DEVICE", "DEVICE", "NPROC_PER_NODE", "ACCELERATE_USE_CPU", "LOCAL_RANK", "WORLD_SIZE",
+              "AMP_FLAGS", "MODEL", "DATASET", "OUTPUT_DIR")
+
+
+@pytest.fixture(autouse=True)
+def clean_device_state(monkeypatch):
+    for name in DEVICE_ENV:
+        monkeypatch.delenv(name, raising=False)  # also restores what setup_device() sets
+    device.npu_status.cache_clear()
+    yield
+    device.npu_status.cache_clear()
+
+
+def fake_torch_npu(tmp_path: Path, error: str) -> Path:
+    """A torch_npu package whose import fails like a real one without CANN or built for another torch."""
+    package = tmp_path / "fake_site" / "torch_npu"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"raise ImportError({error!r})\n")
+    return package.parent
+
+
+def run(command, env=None, extra_path=None, timeout=300) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in DEVICE_ENV}
+    path = [str(extra_path)] if extra_path else []
+    base["PYTHONPATH"] = os.pathsep.join([*path, str(ROOT)])
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**base, **(env or {})},
+                          timeout=timeout)
+
+
+def assert_one_error_line(process, *needles):
+    assert process.returncode != 0
+    assert "Traceback" not in process.stderr + process.stdout
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1, process.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+# --------------------------------------------------------------------------- choosing a device
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed here")
+def test_npu_asked_for_without_torch_npu_is_a_one_line_usage_error(monkeypatch):
+    monkeypatch.setenv("LM_DEVICE", "npu")
+    with pytest.raises(UsageError) as caught:
+        device.setup_device(argv=[])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "torch_npu is not installed" in message
+    assert torch.__version__ in message
+
+
+def test_unknown_device_name_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("LM_DEVICE", "tpu")
+    with pytest.raises(UsageError, match="LM_DEVICE=tpu"):
+        device.resolve_device()
+
+
+def test_use_cpu_wins_over_a_requested_accelerator(monkeypatch):
+    monkeypatch.setenv("LM_DEVICE", "npu")
+    assert device.setup_device(argv=["--output_dir", "x", "--use_cpu"]) == "cpu"
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_without_accelerators_the_first_usable_device_is_cpu():
+    assert device.resolve_device() == "cpu"
+    assert device.describe_device().startswith("cpu: ")
+
+
+def test_setup_device_fills_parser_defaults_that_flags_still_override(monkeypatch):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    monkeypatch.setenv("LM_DEVICE", "cpu")
+    parser = HfArgumentParser(TrainingArguments)
+    device.setup_device(parser, argv=[])
+    assert parser.get_default("use_cpu") is True
+    assert parser.get_default("ddp_backend") is None  # a single process must not name a backend
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parser = HfArgumentParser(TrainingArguments)
+    assert device.setup_device(parser, argv=[]) == "cpu"
+    assert parser.get_default("ddp_backend") == "gloo"
+    namespace, _ = parser.parse_known_args(["--ddp_backend", "mpi"])
+    assert namespace.ddp_backend == "mpi"
+
+
+def test_ddp_backend_follows_the_device():
+    assert [device.ddp_backend_for(d) for d in ("npu", "cuda", "cpu")] == ["hccl", "nccl", "gloo"]
+
+
+def test_nproc_above_the_visible_devices_is_refused(monkeypatch):
+    monkeypatch.setattr(device, "device_count", lambda kind: 2)
+    device.check_nproc(2, "cuda")
+    device.check_nproc(64, "cpu")  # CPU processes share the cores
+    with pytest.raises(UsageError) as caught:
+        device.check_nproc(8, "npu")
+    assert "NPROC_PER_NODE=8" in str(caught.value) and "only 2 NPU" in str(caught.value)
+
+
+def test_finish_device_setup_seeds_and_checks_the_placement(monkeypatch):
+    args = SimpleNamespace(device=torch.device("cpu"), seed=11, process_index=0)
+    device.finish_device_setup(args, "cpu")
+    first = torch.rand(3)
+    device.finish_device_setup(args, "cpu")
+    assert torch.equal(first, torch.rand(3))
+
+    monkeypatch.setenv("LM_DEVICE", "cuda")
+    with pytest.raises(UsageError, match="landed on cpu"):
+        device.finish_device_setup(args, "cuda")
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("Ascend910B2", 313e12),
+    ("cpu", None),
+    ("Some Future Accelerator", None),
+])
+def test_peak_flops_of_known_devices(name, flops):
+    assert device.peak_flops(name) == flops
+
+
+# --------------------------------------------------------------------------- broken torch_npu
+
+
+def test_npu_without_cann_gives_one_line_naming_set_env(tmp_path):
+    site = fake_torch_npu(tmp_path, CANN_MISSING)
+    # The way the scripts run: their CLI wrapper turns UsageError into "error: ..." and exit 2.
+    code = "import utils.device as d; from utils.cli import run_cli; run_cli(d.setup_device)"
+    process = run([sys.executable, "-c", code], env={"LM_DEVICE": "npu"}, extra_path=site)
+    assert_one_error_line(process, "CANN libraries not found (libhccl.so)", "set_env.sh")
+    assert process.returncode == 2
+
+
+def test_npu_built_for_another_torch_is_named_as_a_version_mismatch(tmp_path):
+    site = fake_torch_npu(tmp_path, ABI_MISMATCH)
+    process = run([sys.executable, "-m", "utils.device"], env={"LM_DEVICE": "npu"}, extra_path=site)
+    assert_one_error_line(process, "does not match torch", torch.__version__)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_broken_torch_npu_is_ignored_when_npu_is_not_asked_for(tmp_path):
+    site = fake_torch_npu(tmp_path, CANN_MISSING)
+    # transformers imports torch_npu unguarded while TrainingArguments picks its device.
+    code = (
+        "import utils.device as d\n"
+        "from transformers import TrainingArguments\n"
+        "chosen = d.setup_device(argv=[])\n"
+        f"args = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, report_to='none')\n"
+        "print(chosen, args.device.type)\n"
+    )
+    process = run([sys.executable, "-c", code], extra_path=site)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.split() == ["cpu", "cpu"]
+    assert "Traceback" not in process.stderr
+
+
+# --------------------------------------------------------------------------- launcher pre-flight
+
+
+def test_launcher_refuses_more_processes_than_devices():
+    nproc = torch.cuda.device_count() + 1
+    process = run(["bash", "scripts/train_clm_8p.sh"], env={"DEVICE": "cuda", "NPROC_PER_NODE": str(nproc)})
+    assert_one_error_line(process, "CUDA")
+    assert process.returncode == 2
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0"),
+    ({"NPROC_PER_NODE": "eight"}, "NPROC_PER_NODE=eight"),
+    ({"DEVICE": "tpu"}, "DEVICE=tpu"),
+])
+def test_launcher_rejects_bad_settings_in_one_line(env, needle):
+    process = run(["bash", "scripts/train_mlm_1p.sh"], env=env)
+    assert_one_error_line(process, needle)
+    assert process.returncode == 2
+
+
+def test_launcher_stops_before_torchrun_when_npu_cannot_start(tmp_path):
+    site = fake_torch_npu(tmp_path, CANN_MISSING)
+    process = run(["bash", "scripts/train_plm_1p.sh"], env={"DEVICE": "npu"}, extra_path=site)
+    assert process.returncode == 2
+    assert "Traceback" not in process.stderr
+    # env_npu.sh may add a note that CANN is not installed; the error is one line, last.
+    assert process.stderr.strip().splitlines()[-1].startswith("error: CANN libraries not found")
+    assert "torch.distributed" not in process.stdout + process.stderr
+
+
+# --------------------------------------------------------------------------- summary row
+
+REFERENCE_FLAGS = ["--model_name_or_path", "gpt2", "--dataset_name", "wikitext", "--do_train", "--do_eval",
+                   "--fp16", "--fp16_opt_level", "O2", "--use_combine_grad", "--num_train_epochs", "3"]
+
+
+def write_results(folder: Path, **results) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "all_results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_summary_row_of_a_reference_run(tmp_path):
+    out = write_results(tmp_path / "out", epoch=3.0, eval_accuracy=0.421349, eval_loss=3.2,
+                        train_samples_per_second=123.4449, train_runtime=512.3)
+    process = run([sys.executable, "-m", "utils.summary", str(out), "--devices", "8p", "--", *REFERENCE_FLAGS])
+    assert process.returncode == 0, process.stderr
+    assert process.stdout == "| gpt2 | 8p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |\n"
+
+
+def test_summary_row_parses_back():
+    row = summary.format_row("roberta-base", "1p", 0.61234, 98.76, "fp32", 0.5)
+    assert row.startswith("| ")
+    assert summary.parse_row(row) == {"model": "roberta-base", "devices": "1p", "acc": 0.6123, "fps": 98.8,
+                                      "amp": "fp32", "epochs": 0.5}
+    assert summary.parse_row(summary.format_row("gpt2", "8p", None, None, "O2", None))["acc"] is None
+
+
+@pytest.mark.parametrize("flags, amp", [
+    (["--fp16", "--fp16_opt_level", "O1", "--fp16_opt_level", "O2"], "O2"),
+    (["--fp16"], "fp16"),
+    (["--fp16", "--fp16_opt_level", "O2", "--fp16", "false"], "fp32"),
+    (["--bf16=true"], "bf16"),
+    ([], "fp32"),
+])
+def test_amp_type_reads_the_last_flags(flags, amp):
+    assert summary.amp_type(flags) == amp
+
+
+def test_model_column_for_scratch_runs(tmp_path):
+    out = write_results(tmp_path / "out", train_samples_per_second=1.0)
+    assert summary.model_label(["--model_name_or_path", "gpt2", "--model_type", "gpt2",
+                                "--model_name_or_path", "/ckpt/roberta-base/"], str(out)) == "roberta-base"
+    assert summary.model_label(["--model_type", "xlnet"], str(out)) == "xlnet"
+    (out / "config.json").write_text(json.dumps({"_name_or_path": "", "model_type": "gpt2"}))
+    assert summary.model_label([], str(out)) == "gpt2"
+
+
+def test_summary_without_results_is_one_line(tmp_path):
+    process = run([sys.executable, "-m", "utils.summary", str(tmp_path)])
+    assert_one_error_line(process, "all_results.json not found")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def skip_unless_run_clm_works():
+    if not (ROOT / "run_clm.py").is_file():
+        pytest.skip("run_clm.py does not exist yet")
+    if run([sys.executable, "run_clm.py", "--help"], timeout=120).returncode != 0:
+        pytest.skip("run_clm.py --help fails")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
+    skip_unless_run_clm_works()
+    lines = (ROOT / "data" / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(True)
+    (tmp_path / "train.txt").write_text("".join(lines[:700]), encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("".join(lines[700:900]), encoding="utf-8")
+    out = tmp_path / "out"
+    env = {"NPROC_PER_NODE": "2", "DEVICE": "cpu", "AMP_FLAGS": "", "MASTER_PORT": str(_free_port()),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    process = run(["bash", "scripts/train_clm_8p.sh",
+                   "--model_type", "gpt2", "--config_overrides", "n_layer=2,n_embd=64,n_head=2,n_positions=128",
+                   "--tokenizer_name", "data/tokenizers/gpt2", "--block_size", "64",
+                   "--train_file", tmp_path / "train.txt", "--validation_file", tmp_path / "valid.txt",
+                   "--max_steps", "4", "--report_to", "none", "--disable_tqdm", "true",
+                   "--output_dir", out], env=env, timeout=600)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    assert [p.parent for p in tmp_path.rglob("all_results.json")] == [out]
+    results = json.loads((out / "all_results.json").read_text())
+    # 4 steps of 8 samples on each of 2 ranks: only a real 2-process group gives 64 samples.
+    samples = results["train_samples_per_second"] * results["train_runtime"]
+    assert samples == pytest.approx(64, rel=0.02)
+
+    log = (out / "train.log").read_text()
+    row = [line for line in log.splitlines() if line.startswith("| ")][-1]
+    assert process.stdout.rstrip().splitlines()[-1] == row
+    parsed = summary.parse_row(row)
+    assert parsed["model"] == "gpt2" and parsed["devices"] == "2p" and parsed["amp"] == "fp32"
+    assert 0.0 <= parsed["acc"] <= 1.0 and parsed["fps"] > 0
