@@ -4,6 +4,7 @@ import logging
 
 from transformers import Trainer
 
+from .callbacks import default_callbacks
 from .metrics import TokenAccuracy, perplexity
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ class LMTrainer(Trainer):
         super().__init__(*args, compute_metrics=accuracy, preprocess_logits_for_metrics=accuracy.preprocess_logits,
                          **kwargs)
         self.accuracy = accuracy
+        for callback in default_callbacks(self.args):
+            self.add_callback(callback)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         self.accuracy.reset()  # an interrupted earlier evaluation must not leak its counts
