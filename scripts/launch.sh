@@ -28,7 +28,6 @@
 # nodes) and ends with one summary row (format: utils/summary.py), found with
 #   grep '^| ' OUTPUT_DIR/train.log | tail -1
 #   | gpt2 | 8p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |
-# While the run goes, and after a failed run, the log is the temporary file named on its first line.
 # Bad settings (DEVICE, NPROC_PER_NODE above the visible devices, ...) stop it before torchrun
 # starts, with one "error: ..." line and exit status 2.
 set -euo pipefail
@@ -137,26 +136,24 @@ cmd=(
     "$ROOT/run_${TASK}.py" "${flags[@]}"
 )
 
-# The run refuses a non-empty --output_dir that holds no checkpoint, so the log goes to a
-# temporary file and moves in once the run has succeeded; a failed run leaves the folder as it was.
+# The log lives in the output folder from the start; a resumed run appends to it. The run
+# itself ignores this file when it checks that --output_dir holds nothing it could overwrite.
 node_suffix=""
 [[ $NODE_RANK == 0 ]] || node_suffix="_node${NODE_RANK}"
-live_log=$(mktemp "${TMPDIR:-/tmp}/train_${TASK}${node_suffix}.XXXXXX.log")
+mkdir -p "$output_dir"
+log="$output_dir/train${node_suffix}.log"
 
 status=0
 {
-    echo "device: $device, $devices; log: $live_log"
+    echo "device: $device, $devices"
     echo "command: ${cmd[*]}"
     "${cmd[@]}"
-} 2>&1 | tee "$live_log" || status=$?
+} 2>&1 | tee -a "$log" || status=$?
 if ((status != 0)); then
-    echo "error: run_${TASK}.py failed (exit $status); its log is $live_log" >&2
+    echo "error: run_${TASK}.py failed (exit $status); see $log" >&2
     exit "$status"
 fi
 
-log="$output_dir/train${node_suffix}.log"
-mkdir -p "$output_dir"
-mv "$live_log" "$log"
 # Results are written by global rank 0, which runs on node 0.
 [[ $NODE_RANK == 0 ]] || exit 0
 "$PYTHON" -m utils.summary "$output_dir" --devices "$devices" -- "${flags[@]}" 2>&1 | tee -a "$log"

@@ -293,12 +293,13 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "out"
     env = {"NPROC_PER_NODE": "2", "DEVICE": "cpu", "AMP_FLAGS": "", "MASTER_PORT": str(_free_port()),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    process = run(["bash", "scripts/train_clm_8p.sh",
-                   "--model_type", "gpt2", "--config_overrides", "n_layer=2,n_embd=64,n_head=2,n_positions=128",
-                   "--tokenizer_name", "data/tokenizers/gpt2", "--block_size", "64",
+    tiny = ["--model_type", "gpt2", "--tokenizer_name", "data/tokenizers/gpt2", "--block_size", "64",
+            "--config_overrides", "n_layer=2,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
+            "--logging_steps", "1", "--fps_warmup_steps", "1", "--disable_tqdm", "true",
+            "--train_sampling_strategy", "sequential"]
+    process = run(["bash", "scripts/train_clm_8p.sh", *tiny,
                    "--train_file", tmp_path / "train.txt", "--validation_file", tmp_path / "valid.txt",
-                   "--max_steps", "4", "--report_to", "none", "--disable_tqdm", "true",
-                   "--output_dir", out], env=env, timeout=600)
+                   "--max_steps", "4", "--report_to", "none", "--output_dir", out], env=env, timeout=600)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
 
     assert [p.parent for p in tmp_path.rglob("all_results.json")] == [out]
@@ -306,6 +307,21 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
     # 4 steps of 8 samples on each of 2 ranks: only a real 2-process group gives 64 samples.
     samples = results["train_samples_per_second"] * results["train_runtime"]
     assert samples == pytest.approx(64, rel=0.02)
+
+    assert results["fps"] > 0 and results["fps_warmup_steps"] == 1
+
+    # The same global batch of 16 in one process (samples in order, so that both runs see the same
+    # 16 per step): the same losses
+    # up to float summation order (dropout is off so that no random state differs).
+    single = tmp_path / "single"
+    single_run = run([sys.executable, "run_clm.py", *tiny, "--per_device_train_batch_size", "16",
+                   "--train_file", tmp_path / "train.txt", "--validation_file", tmp_path / "valid.txt",
+                   "--max_steps", "4", "--report_to", "none",
+                   "--do_train", "--output_dir", single], env=env)
+    assert single_run.returncode == 0, single_run.stderr[-3000:]
+    losses = [[e["loss"] for e in json.loads((d / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+              for d in (out, single)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-4)
 
     log = (out / "train.log").read_text()
     row = [line for line in log.splitlines() if line.startswith("| ")][-1]

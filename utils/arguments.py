@@ -135,6 +135,11 @@ class LMTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Start over in a non-empty --output_dir instead of resuming from its last checkpoint."},
     )
+    fps_warmup_steps: int = field(
+        default=5,
+        metadata={"help": "Optimizer steps left out of the FPS figure (fps in train_results.json), so that "
+                          "start-up does not count."},
+    )
 
 
 class _Parser(HfArgumentParser):

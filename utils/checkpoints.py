@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -9,7 +10,7 @@ from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-LAUNCHER_LOG = "train.log"
+LAUNCHER_LOG = re.compile(r"train(_node\d+)?\.log")
 
 
 def checkpoint_to_resume(training_args) -> str | None:
@@ -27,8 +28,8 @@ def checkpoint_to_resume(training_args) -> str | None:
     if last is not None:
         logger.info("Resuming from %s (add --overwrite_output_dir to start over)", last)
         return last
-    # A launcher's log may already be there: it is not a result to protect.
-    if set(os.listdir(output_dir)) - {LAUNCHER_LOG}:
+    # The launchers' logs may already be there: they are not results to protect.
+    if [name for name in os.listdir(output_dir) if not LAUNCHER_LOG.fullmatch(name)]:
         raise UsageError(
             f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
             "choose another folder, or add --overwrite_output_dir to train over it"

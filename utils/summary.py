@@ -7,7 +7,8 @@ Format (the reference table's), defined here and nowhere else:
     model     --model_name_or_path (its last path part) or --model_type, else config.json
     devices   processes in the run, e.g. "8p"
     Acc       eval_accuracy from all_results.json ("n/a" without evaluation)
-    FPS       samples per second over all devices: train_samples_per_second
+    FPS       samples per second over all devices after the warm-up steps: "fps"
+              (train_samples_per_second, which counts start-up too, when there is none)
     AMP_Type  --fp16_opt_level with --fp16, "fp16" without a level, "bf16", or "fp32"
     Epochs    the epochs trained (all_results.json "epoch"), else --num_train_epochs
 
@@ -132,7 +133,7 @@ def summary_row(output_dir: str, devices: str, flags: Sequence[str]) -> str:
         model=model_label(flags, output_dir),
         devices=devices,
         accuracy=results.get("eval_accuracy"),
-        fps=results.get("train_samples_per_second"),
+        fps=results.get("fps", results.get("train_samples_per_second")),
         amp=amp_type(flags),
         epochs=epochs,
     )

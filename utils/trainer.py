@@ -6,6 +6,7 @@ from transformers import Trainer
 
 from .callbacks import default_callbacks
 from .metrics import TokenAccuracy, perplexity
+from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ class LMTrainer(Trainer):
         self.accuracy = accuracy
         for callback in default_callbacks(self.args):
             self.add_callback(callback)
+        self.throughput = ThroughputCallback(self.args.fps_warmup_steps)
+        self.add_callback(self.throughput)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         self.accuracy.reset()  # an interrupted earlier evaluation must not leak its counts
@@ -45,6 +48,7 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, n_samples: int | No
         metrics["train_samples"] = n_samples
     if tokens_per_sample and "train_samples_per_second" in metrics:
         metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * tokens_per_sample, 3)
+    metrics.update(trainer.throughput.metrics(trainer.args, trainer.model, tokens_per_sample))
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
