@@ -30,5 +30,5 @@ export HF_HUB_OFFLINE=1
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"perplexity {r['perplexity']:.1f} | accuracy {r['eval_accuracy']:.4f} | "
-      f"FPS {r['train_samples_per_second']:.1f} samples/s ({r['train_tokens_per_second']:.0f} tokens/s)")
+      f"FPS {r['fps']:.1f} samples/s ({r['fps_tokens_per_second']:.0f} tokens/s) after {r['fps_warmup_steps']} warm-up steps")
 PY
