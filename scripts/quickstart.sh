@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: a small GPT-2 trained from scratch on the bundled WikiText-2 (word-level v1 files),
-# on the CPU, in a few minutes. Prints perplexity, accuracy and FPS at the end.
+# on the CPU, in a few minutes. Prints perplexity, accuracy and FPS at the end, and draws the loss,
+# perplexity and accuracy curves into OUTPUT_DIR/curves.png (evaluating every 50 steps for them).
 #
 #   bash scripts/quickstart.sh [extra run_clm.py flags, which win over the ones below]
 #
@@ -22,7 +23,7 @@ export HF_HUB_OFFLINE=1
     --per_device_train_batch_size 8 --per_device_eval_batch_size 16 \
     --learning_rate 1e-3 --warmup_steps 30 --weight_decay 0.01 \
     --max_steps "${MAX_STEPS:-200}" --max_eval_samples 256 \
-    --logging_steps 20 --save_steps 100 --save_total_limit 1 \
+    --logging_steps 20 --save_steps 100 --save_total_limit 1 --eval_strategy steps --eval_steps 50 \
     --do_train --do_eval --use_cpu --report_to none \
     --output_dir "$OUT" --overwrite_output_dir "$@"
 
@@ -32,3 +33,6 @@ r = json.load(open(sys.argv[1]))
 print(f"perplexity {r['perplexity']:.1f} | accuracy {r['eval_accuracy']:.4f} | "
       f"FPS {r['fps']:.1f} samples/s ({r['fps_tokens_per_second']:.0f} tokens/s) after {r['fps_warmup_steps']} warm-up steps")
 PY
+
+# The curves: training loss every 20 steps, evaluation every 50 (scripts/plot_curves.py).
+"$PYTHON" scripts/plot_curves.py "$OUT" --out "$OUT/curves.png"

@@ -36,10 +36,10 @@ def format_row(model: str, devices: str, accuracy: float | None, fps: float | No
     cells = [
         model,
         devices,
-        f"Acc: {_number(accuracy, '.4f')}",
-        f"FPS: {_number(fps, '.1f')}",
+        f"Acc: {format_number(accuracy, '.4f')}",
+        f"FPS: {format_number(fps, '.1f')}",
         f"AMP_Type: {amp}",
-        f"Epochs: {_epochs(epochs)}",
+        f"Epochs: {format_epochs(epochs)}",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -60,11 +60,11 @@ def parse_row(line: str) -> dict:
     }
 
 
-def _number(value: float | None, spec: str) -> str:
+def format_number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _epochs(value: float | None) -> str:
+def format_epochs(value: float | None) -> str:
     if value is None:
         return "n/a"
     # A run stopped by --max_steps reports a fraction of an epoch; whole runs read "3".
@@ -100,11 +100,21 @@ def flag_value(flags: Sequence[str], name: str) -> str | None:
 
 def amp_type(flags: Sequence[str]) -> str:
     """The AMP column from the run's flags."""
-    if (flag_value(flags, "fp16") or "").lower() in _TRUE:
-        return flag_value(flags, "fp16_opt_level") or "fp16"
-    if (flag_value(flags, "bf16") or "").lower() in _TRUE:
-        return "bf16"
-    return "fp32"
+    fp16 = (flag_value(flags, "fp16") or "").lower() in _TRUE
+    bf16 = (flag_value(flags, "bf16") or "").lower() in _TRUE
+    return amp_label(fp16, bf16, flag_value(flags, "fp16_opt_level"))
+
+
+def amp_label(fp16: bool, bf16: bool, opt_level: str | None) -> str:
+    """The AMP column's name for a precision setting (see the module docstring)."""
+    if fp16:
+        return opt_level or "fp16"
+    return "bf16" if bf16 else "fp32"
+
+
+def fps_of(results: dict) -> float | None:
+    """The FPS column from all_results.json: after warm-up, else the Trainer's whole-run figure."""
+    return results.get("fps", results.get("train_samples_per_second"))
 
 
 def model_label(flags: Sequence[str], output_dir: str) -> str:
@@ -115,7 +125,7 @@ def model_label(flags: Sequence[str], output_dir: str) -> str:
     model_type = flag_value(flags, "model_type")
     if model_type:
         return model_type
-    config = _read_json(os.path.join(output_dir, "config.json")) or {}
+    config = read_json(os.path.join(output_dir, "config.json")) or {}
     name = config.get("_name_or_path") or config.get("model_type") or "unknown"
     return os.path.basename(name.rstrip("/")) or name
 
@@ -123,7 +133,7 @@ def model_label(flags: Sequence[str], output_dir: str) -> str:
 def summary_row(output_dir: str, devices: str, flags: Sequence[str]) -> str:
     """The row for the finished run in ``output_dir`` (reads its all_results.json)."""
     results_path = os.path.join(output_dir, "all_results.json")
-    results = _read_json(results_path)
+    results = read_json(results_path)
     if results is None:
         raise UsageError(f"{results_path} not found: the run did not finish, or ran without --do_train/--do_eval")
     epochs = results.get("epoch")
@@ -133,13 +143,13 @@ def summary_row(output_dir: str, devices: str, flags: Sequence[str]) -> str:
         model=model_label(flags, output_dir),
         devices=devices,
         accuracy=results.get("eval_accuracy"),
-        fps=results.get("fps", results.get("train_samples_per_second")),
+        fps=fps_of(results),
         amp=amp_type(flags),
         epochs=epochs,
     )
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
     try:
         with open(path) as f:
             return json.load(f)

@@ -6,6 +6,7 @@ from transformers import Trainer
 
 from .callbacks import default_callbacks
 from .metrics import TokenAccuracy, perplexity
+from .reporting import add_training_speed, write_model_card
 from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class LMTrainer(Trainer):
             self.add_callback(callback)
         self.throughput = ThroughputCallback(self.args.fps_warmup_steps)
         self.add_callback(self.throughput)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        add_training_speed(self, logs)  # tokens/s beside loss and lr, for the progress bar and TensorBoard
+        super().log(logs, start_time)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         self.accuracy.reset()  # an interrupted earlier evaluation must not leak its counts
@@ -52,6 +57,7 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, n_samples: int | No
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
+    write_model_card(trainer)
     return metrics
 
 
@@ -64,4 +70,5 @@ def evaluate_and_save(trainer: Trainer, n_samples: int | None) -> dict:
         metrics["eval_samples"] = n_samples
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
+    write_model_card(trainer)  # now with the evaluation metrics too
     return metrics
