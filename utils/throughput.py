@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from .device import peak_flops
+from .reporting import effective_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,7 @@ class ThroughputCallback(TrainerCallback):
         seconds = self.end - self.start - self.paused
         if seconds <= 0:
             return {}
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        result = {"fps": round(self.timed_steps * global_batch / seconds, 3), "fps_warmup_steps": self.warmup_steps}
+        result = {"fps": round(self.timed_steps * effective_batch_size(args) / seconds, 3), "fps_warmup_steps": self.warmup_steps}
         if tokens_per_sample:
             tokens_per_second = result["fps"] * tokens_per_sample
             result["fps_tokens_per_second"] = round(tokens_per_second, 3)
