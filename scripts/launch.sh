@@ -29,7 +29,9 @@
 #   grep '^| ' OUTPUT_DIR/train.log | tail -1
 #   | gpt2 | 8p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |
 # Bad settings (DEVICE, NPROC_PER_NODE above the visible devices, ...) stop it before torchrun
-# starts, with one "error: ..." line and exit status 2.
+# starts, with one "error: ..." line and exit status 2. A run that fails or stops ends with one
+# "error: run_TASK.py failed (exit N): REASON" line and the worker's own status N (2 bad input,
+# 3 non-finite loss, 143 stopped by SIGTERM with a checkpoint saved: run the same command again).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -127,7 +129,7 @@ output_dir=$(last_value output_dir "${flags[@]}")
 
 [[ -f $ROOT/run_${TASK}.py ]] || die "$ROOT/run_${TASK}.py not found"
 cmd=(
-    "$PYTHON" -m torch.distributed.run
+    "$PYTHON" -m utils.torchrun  # torchrun, passing on the worker's exit status (utils/torchrun.py)
     --nproc_per_node="$NPROC_PER_NODE"
     --nnodes="$NNODES"
     --node_rank="$NODE_RANK"
@@ -144,13 +146,16 @@ mkdir -p "$output_dir"
 log="$output_dir/train${node_suffix}.log"
 
 status=0
+log_start=$(($(stat -c %s "$log" 2>/dev/null || echo 0) + 1))  # where this run's part of the log begins
 {
     echo "device: $device, $devices"
     echo "command: ${cmd[*]}"
     "${cmd[@]}"
 } 2>&1 | tee -a "$log" || status=$?
 if ((status != 0)); then
-    echo "error: run_${TASK}.py failed (exit $status); see $log" >&2
+    # Name the run's own one-line reason (error: ... / stopped: ...), not only its status.
+    reason=$(tail -c +"$log_start" "$log" | grep -m1 -E '^(error|stopped): ' | sed -E 's/^(error|stopped): //' || true)
+    echo "error: run_${TASK}.py failed (exit $status)${reason:+: $reason}; see $log" >&2
     exit "$status"
 fi
 

@@ -575,3 +575,136 @@ def fp32_state_dict(
         if key is not None:
             copies[key] = result[name]
     return result
+
+
+# ------------------------------------------------------- command-line integration
+def check_amp_flags(args: Any) -> None:
+    """Refuse bad mixed-precision flags with one line naming the flag (``UsageError``).
+
+    ``args`` has ``fp16``, ``bf16``, ``fp16_opt_level`` (None: not given), ``loss_scale``,
+    ``loss_scale_window``, ``use_combine_grad`` and ``amp_backend``.
+    """
+    from utils.errors import UsageError  # the module itself stays free of CLI concerns
+
+    half = args.fp16 or args.bf16
+    if args.fp16 and args.bf16:
+        raise UsageError("--fp16 and --bf16 exclude each other: choose one")
+    if args.fp16_opt_level is not None and args.fp16_opt_level not in OPT_LEVELS:
+        raise UsageError(f"--fp16_opt_level {args.fp16_opt_level}: choose one of {', '.join(OPT_LEVELS)}")
+    if args.fp16_opt_level not in (None, "O0") and not half:
+        raise UsageError(f"--fp16_opt_level {args.fp16_opt_level} needs --fp16 or --bf16")
+    if args.use_combine_grad and not half:
+        raise UsageError("--use_combine_grad needs --fp16 or --bf16 (it is part of the mixed-precision setup)")
+    try:
+        parse_loss_scale(args.loss_scale)
+    except ValueError as err:
+        raise UsageError(f"--loss_scale: {err}") from None
+    if args.loss_scale_window < 1:
+        raise UsageError(f"--loss_scale_window {args.loss_scale_window}: must be 1 or more")
+    if args.amp_backend not in ("auto", "native", "apex"):
+        raise UsageError(f"--amp_backend {args.amp_backend}: choose auto, native or apex")
+
+
+def amp_config_from_args(args: Any) -> AmpConfig | None:
+    """The AmpConfig of checked training arguments; None for a plain fp32 run."""
+    if not (args.fp16 or args.bf16):
+        return None
+    return AmpConfig.from_flags(
+        args.fp16_opt_level or "O1",
+        fp16=args.fp16,
+        bf16=args.bf16,
+        loss_scale=args.loss_scale,
+        combine_grad=args.use_combine_grad,
+        growth_interval=args.loss_scale_window,
+    )
+
+
+# ------------------------------------------------------------------ apex backend
+def load_apex_amp() -> Any | None:
+    """``apex.amp`` when an apex release that still has it is installed, else None.
+
+    NVIDIA removed ``amp`` from recent apex releases; Ascend's fork keeps it (with
+    ``combine_grad``). apex is only imported when its ``amp`` folder exists, so that an
+    apex without amp never shows up in ``sys.modules``.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("apex")
+    locations = (spec.submodule_search_locations or []) if spec is not None else []
+    if not any(os.path.isdir(os.path.join(location, "amp")) for location in locations):
+        return None
+    try:
+        from apex import amp
+    except Exception as exc:  # a broken build can raise nearly anything
+        logger.warning("apex is installed but apex.amp failed to import (%s): using native AMP", exc)
+        return None
+    return amp if hasattr(amp, "initialize") and hasattr(amp, "scale_loss") else None
+
+
+def choose_backend(requested: str, cfg: AmpConfig) -> tuple[str, Any | None]:
+    """("apex", apex.amp) or ("native", None) for ``--amp_backend`` auto/apex/native."""
+    if requested == "native":
+        return "native", None
+    amp = load_apex_amp()
+    usable = amp is not None and cfg.half_dtype == torch.float16
+    if requested == "apex" and not usable:
+        from utils.errors import UsageError
+
+        why = "apex with amp is not installed" if amp is None else "apex's amp does fp16 only"
+        raise UsageError(f"--amp_backend apex: {why}; use --amp_backend native")
+    return ("apex", amp) if usable else ("native", None)
+
+
+class ApexAmpOptimizer(torch.optim.Optimizer):
+    """apex's amp behind the interface the Trainer integration uses (``MixedPrecisionOptimizer``'s).
+
+    Built from an optimizer that ``amp.initialize`` has patched. Unverified here: no apex
+    with amp can be installed on the development machine.
+    """
+
+    def __init__(self, amp: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.amp = amp
+        self.optimizer = optimizer
+        self.step_was_skipped = False
+        self.skipped_steps = 0
+
+    param_groups = property(lambda self: self.optimizer.param_groups)
+    state = property(lambda self: self.optimizer.state)
+    defaults = property(lambda self: self.optimizer.defaults)
+
+    def _loss_scaler(self) -> Any | None:
+        scalers = getattr(getattr(self.amp, "_amp_state", None), "loss_scalers", None)
+        return scalers[0] if scalers else None
+
+    @property
+    def loss_scale(self) -> float | None:
+        scaler = self._loss_scaler()
+        return float(scaler.loss_scale()) if scaler is not None else None
+
+    def scaled_loss(self, loss: torch.Tensor, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        # apex unscales into the master grads when the context exits; between micro-batches
+        # of one step it must not (delay_unscale), as apex's gradient-accumulation recipe says.
+        return self.amp.scale_loss(loss, self.optimizer, delay_unscale=not last_micro_batch)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(self.amp.master_params(self.optimizer)), max_norm)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        scaler = self._loss_scaler()
+        # apex replaced optimizer.step by a no-op for this step when it found an overflow.
+        self.step_was_skipped = bool(getattr(scaler, "_has_overflow", False))
+        self.skipped_steps += self.step_was_skipped
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizer": self.optimizer.state_dict(), "amp": self.amp.state_dict(),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.amp.load_state_dict(state_dict["amp"])
+        self.skipped_steps = int(state_dict["skipped_steps"])

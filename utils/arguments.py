@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .amp import OPT_LEVELS as AMP_OPT_LEVELS
+from .amp import check_amp_flags
 from .cli import setup_logging
 from .device import finish_device_setup, setup_device
 from .errors import UsageError
@@ -140,6 +142,50 @@ class LMTrainingArguments(TrainingArguments):
         metadata={"help": "Optimizer steps left out of the FPS figure (fps in train_results.json), so that "
                           "start-up does not count."},
     )
+    on_nonfinite_loss: str = field(
+        default="stop",
+        metadata={"help": "On a NaN/inf training loss: 'stop' (exit status 3, nothing of that step saved, the last "
+                          "checkpoint kept) or 'skip' (drop that step's update and go on). fp16 with dynamic loss "
+                          "scaling skips such steps itself.",
+                  "choices": ["stop", "skip"]},
+    )
+    fp16_opt_level: str | None = field(
+        default=None,
+        metadata={"help": "Mixed-precision level with --fp16 or --bf16 (default O1), as apex's: O0 fp32; O1 fp32 "
+                          "weights, forward under autocast; O2 half weights except norms, fp32 master weights in the "
+                          "optimizer; O3 everything half.",
+                  "choices": list(AMP_OPT_LEVELS)},
+    )
+    loss_scale: str = field(
+        default="dynamic",
+        metadata={"help": "fp16 loss scale: 'dynamic' (start at 2**16, halve and skip the step on inf/NaN gradients, "
+                          "double after --loss_scale_window clean steps) or a fixed positive number. bf16 needs none."},
+    )
+    loss_scale_window: int = field(
+        default=2000,
+        metadata={"help": "With --loss_scale dynamic: clean steps after which the loss scale doubles."},
+    )
+    use_combine_grad: bool = field(
+        default=False,
+        metadata={"help": "Keep weights, gradients and master weights in flat buffers, so that unscaling, clipping, "
+                          "the optimizer step and the DDP all-reduce each run over a few large tensors. Needs --fp16 "
+                          "or --bf16."},
+    )
+    amp_backend: str = field(
+        default="auto",
+        metadata={"help": "Who does --fp16/--bf16: 'auto' takes apex's amp when an apex release that has it is "
+                          "installed (fp16 only), else the suite's native one; 'native' or 'apex' force one.",
+                  "choices": ["auto", "native", "apex"]},
+    )
+
+    def __post_init__(self):
+        check_amp_flags(self)  # before TrainingArguments' own checks, whose messages name no flag
+        super().__post_init__()
+        if self.fp16 or self.bf16:
+            self.fp16_opt_level = self.fp16_opt_level or "O1"
+            # The suite's AMP (utils.amp, or apex) does the mixed precision: accelerate's own autocast
+            # and GradScaler on top would autocast O2 weights and scale the loss a second time.
+            self.mixed_precision = "no"
 
 
 class _Parser(HfArgumentParser):

@@ -1,37 +1,235 @@
-"""Where a training run starts: a given checkpoint, the last one in --output_dir, or nothing."""
+"""Where a training run starts, and checkpoints that are complete or absent.
 
+A checkpoint is written into ``OUTPUT_DIR/tmp-checkpoint-N/checkpoint-N`` (the Trainer's own
+saving code, pointed at a staging folder), its files are flushed to disk, a marker listing
+every file and its size (``checkpoint_complete.json``) is written last, and only then is it
+renamed to ``OUTPUT_DIR/checkpoint-N``; old checkpoints are rotated out after that. A kill at
+any moment therefore leaves the previous checkpoints as they were, plus at most a ``tmp-``
+folder that the next save removes. Resuming takes the newest checkpoint whose marker matches
+its files and says which ones it skipped.
+"""
+
+import json
 import logging
 import os
 import re
+import shutil
 
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .errors import UsageError
+from .reliability import fault_point
 
 logger = logging.getLogger(__name__)
 
-LAUNCHER_LOG = re.compile(r"train(_node\d+)?\.log")
+COMPLETE_MARKER = "checkpoint_complete.json"
+CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+STAGING_PREFIX = "tmp-"
+# What a run leaves in --output_dir that is not a result to protect: the launchers' logs, the
+# run_info.json written at every start, and our own staging folders cut off by a kill.
+NOT_RESULTS = re.compile(r"train(_node\d+)?\.log|run_info\.json|tmp-checkpoint-\d+(-old)?|tmp-model")
+
+
+# ---------------------------------------------------------------------------- resuming
 
 
 def checkpoint_to_resume(training_args) -> str | None:
-    """The checkpoint to resume from; refuses to write into a non-empty --output_dir that has none."""
+    """The checkpoint to resume from; refuses to write into a non-empty --output_dir that has none.
+
+    Also checks, before any work, that --output_dir can be written (training or not).
+    """
+    check_output_dir(training_args.output_dir)
     if not training_args.do_train:
         return None
     if training_args.resume_from_checkpoint:
-        if not os.path.isdir(training_args.resume_from_checkpoint):
-            raise UsageError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such folder")
-        return training_args.resume_from_checkpoint
+        return _given_checkpoint(training_args.resume_from_checkpoint)
     output_dir = training_args.output_dir
     if training_args.overwrite_output_dir or not os.path.isdir(output_dir):
         return None
-    last = get_last_checkpoint(output_dir)
+    last = newest_complete_checkpoint(output_dir)
     if last is not None:
         logger.info("Resuming from %s (add --overwrite_output_dir to start over)", last)
         return last
-    # The launchers' logs may already be there: they are not results to protect.
-    if [name for name in os.listdir(output_dir) if not LAUNCHER_LOG.fullmatch(name)]:
+    if [name for name in os.listdir(output_dir) if not NOT_RESULTS.fullmatch(name)]:
+        incomplete = [path for _, path in checkpoint_dirs(output_dir)]
+        hint = (f" (its {', '.join(map(os.path.basename, incomplete))} is incomplete: pass "
+                f"--resume_from_checkpoint {incomplete[0]} to use it anyway)") if incomplete else ""
         raise UsageError(
-            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from; "
+            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume from{hint}; "
             "choose another folder, or add --overwrite_output_dir to train over it"
         )
     return None
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A folder we can write into, or one we can create; checked without creating anything."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output_dir {output_dir} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
+def _given_checkpoint(path: str) -> str:
+    if not os.path.isdir(path):
+        raise UsageError(f"--resume_from_checkpoint {path}: no such folder")
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return path
+    if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+        raise UsageError(f"--resume_from_checkpoint {path} is damaged: {problem}")
+    # Written by another program or an older version of this suite: the user vouches for it.
+    logger.warning("--resume_from_checkpoint %s has no completion marker; using it as asked", path)
+    return path
+
+
+def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every checkpoint-N folder, newest first."""
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT.fullmatch(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def newest_complete_checkpoint(output_dir: str, quiet: bool = False) -> str | None:
+    """The newest checkpoint whose files match its completion marker; logs the ones skipped."""
+    for _, path in checkpoint_dirs(output_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if not quiet:
+            logger.warning("Skipping %s: %s", path, problem)
+    return None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint in ``path`` cannot be resumed from, or None when it is complete."""
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"no {COMPLETE_MARKER} (cut off while being written, or written by another program)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {COMPLETE_MARKER} cannot be read"
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes, not the {size} it was written with"
+    return None
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def save_checkpoint_atomically(trainer, save_checkpoint, model, trial) -> None:
+    """Run the Trainer's ``_save_checkpoint`` into a staging folder, then publish it complete.
+
+    ``LMTrainer._get_output_dir`` returns ``trainer.checkpoint_staging`` while it is set, so
+    the Trainer writes ``<staging>/checkpoint-N`` with all its usual files on every process.
+    """
+    run_dir = trainer._get_output_dir(trial)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    staging = os.path.join(run_dir, STAGING_PREFIX + name)
+    if trainer.args.should_save:
+        _remove_leftovers(run_dir)  # folders of a save that was killed; saves never overlap
+    trainer.accelerator.wait_for_everyone()
+    trainer.checkpoint_staging = staging
+    try:
+        save_checkpoint(model, trial)
+    finally:
+        trainer.checkpoint_staging = None
+    trainer.accelerator.wait_for_everyone()  # every process has written its RNG state
+    staged = os.path.join(staging, name)
+    _point_best_checkpoint_at(trainer, staging, run_dir, staged)
+    if trainer.args.should_save:
+        _write_marker(staged, trainer.state.global_step)
+        fault_point("kill_in_save", trainer.state.global_step)  # test-only (utils/reliability.py)
+        _publish(staged, os.path.join(run_dir, name))
+        os.rmdir(staging)
+        # Only now that the new checkpoint is complete may older ones go.
+        rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint,
+                           use_mtime=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _remove_leftovers(run_dir: str) -> None:
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if name.startswith(STAGING_PREFIX) and NOT_RESULTS.fullmatch(name):
+            logger.info("Removing %s, left by a save that was cut off", os.path.join(run_dir, name))
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def _point_best_checkpoint_at(trainer, staging: str, run_dir: str, staged: str) -> None:
+    # The Trainer recorded the best checkpoint under the staging path when it is this one;
+    # every process fixes it (each loads the best model at the end), the saving one also on disk.
+    best = trainer.state.best_model_checkpoint
+    if best and os.path.abspath(best).startswith(os.path.abspath(staging) + os.sep):
+        trainer.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        if trainer.args.should_save:
+            trainer.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+
+
+def _write_marker(folder: str, step: int) -> None:
+    """Flush every file to disk, then list them with their sizes in the marker, written last."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            _fsync(path)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    marker = os.path.join(folder, COMPLETE_MARKER)
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump({"global_step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publish(staged: str, final: str) -> None:
+    """Rename ``staged`` to ``final``; an existing ``final`` (a run started over) is moved aside first."""
+    aside = os.path.join(os.path.dirname(final), f"{STAGING_PREFIX}{os.path.basename(final)}-old")
+    if os.path.exists(final):
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    os.rename(staged, final)
+    _fsync(os.path.dirname(final))  # the rename itself survives a crash of the machine
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model_atomically(trainer) -> None:
+    """``trainer.save_model()`` into --output_dir, each file replaced whole (never half-written).
+
+    The model is saved into ``OUTPUT_DIR/tmp-model`` and its files are then renamed over the
+    old ones, so a kill leaves every file either old or new.
+    """
+    output_dir = trainer.args.output_dir
+    staging = os.path.join(output_dir, STAGING_PREFIX + "model")
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)
+    if not trainer.args.should_save:
+        return
+    for name in os.listdir(staging):
+        source, target = os.path.join(staging, name), os.path.join(output_dir, name)
+        if os.path.isdir(source):  # save_pretrained writes files; a folder is replaced as a whole
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            _fsync(source)
+        os.replace(source, target)
+    os.rmdir(staging)

@@ -6,7 +6,7 @@ import sys
 import datasets
 import transformers
 
-from .errors import UsageError
+from .errors import TrainingStopped, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,16 @@ def setup_logging(training_args) -> None:
 
 
 def run_cli(main) -> None:
-    """Run ``main()``; a UsageError becomes ``error: ...`` on stderr and exit status 2."""
+    """Run ``main()``; a UsageError becomes ``error: ...`` on stderr and exit status 2.
+
+    Training that stopped early with its work saved (``TrainingStopped``: preempted, non-finite
+    loss; see utils/reliability.py) prints its one line and exits with the status it carries.
+    """
     try:
         main()
     except UsageError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
+    except TrainingStopped as stop:
+        sys.stderr.write(f"{stop}\n")
+        sys.exit(stop.exit_status)

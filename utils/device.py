@@ -256,7 +256,11 @@ def setup_device(parser: argparse.ArgumentParser | None = None, argv: Sequence[s
 def _use_cpu_in(argv: list[str]) -> bool:
     if len(argv) == 1 and argv[0].endswith(".json") and os.path.isfile(argv[0]):
         with open(argv[0]) as f:
-            return bool(json.load(f).get("use_cpu", False))
+            try:
+                flags = json.load(f)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{argv[0]}: not a JSON file of flags ({err})") from None
+        return isinstance(flags, dict) and bool(flags.get("use_cpu", False))
     value = None
     for i, arg in enumerate(argv):
         if arg == "--use_cpu":

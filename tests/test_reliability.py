@@ -1,0 +1,235 @@
+"""Preemption, kills at any moment, exact resume, non-finite losses (utils/reliability.py, utils/checkpoints.py).
+
+The subprocess tests use the test-only fault hook LM_TEST_FAULTS (see utils/reliability.py):
+signals and kills are real (os.kill on the script's own process) but land at a chosen step,
+so the tests are deterministic on a slow shared machine.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from conftest import ROOT, TINY, read_json, run_script
+from utils.arguments import LMTrainingArguments
+from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_to_resume
+from utils.errors import UsageError
+from utils.reliability import PreemptionCallback, planned_faults
+
+# 12 samples of 64 tokens, 4 per step: 3 steps per epoch, so resumes cross epoch boundaries.
+RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_steps", "8",
+       "--save_steps", "2", "--logging_steps", "1", "--max_train_samples", "12", "--max_eval_samples", "8",
+       "--report_to", "none", "--disable_tqdm", "true", "--seed", "7"]
+
+
+def train(task, text_files, out, faults="", *extra, eval_too=True):
+    evaluation = ["--do_eval", "--validation_file", text_files["valid"]] if eval_too else []
+    return run_script(task, *TINY[task], *RUN, *extra, "--train_file", text_files["train"], "--do_train",
+                      *evaluation, "--output_dir", out, check=False, env={"LM_TEST_FAULTS": faults})
+
+
+def losses_by_step(out) -> dict:
+    history = read_json(out / "trainer_state.json")["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def last_line(process) -> str:
+    return process.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(text_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    process = train("clm", text_files, out)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+
+def test_sigterm_then_kills_then_resume_end_where_an_uninterrupted_run_ends(uninterrupted, text_files, tmp_path):
+    out = tmp_path / "out"
+
+    # SIGTERM at step 3 (not a save step, the end of epoch 1): checkpoint, no final outputs, 143.
+    process = train("clm", text_files, out, "sigterm@3")
+    assert process.returncode == 143, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    assert last_line(process).startswith("stopped: SIGTERM received; saved ") and "checkpoint-3" in last_line(process)
+    assert (out / "checkpoint-3" / COMPLETE_MARKER).is_file()
+    assert not (out / "model.safetensors").exists() and not (out / "eval_results.json").exists()
+
+    # SIGKILL at the end of step 5: the run resumed from 3, saved 4, then died.
+    assert train("clm", text_files, out, "kill@5").returncode == -signal.SIGKILL
+    assert (out / "checkpoint-4" / COMPLETE_MARKER).is_file()
+
+    # SIGKILL in the middle of writing checkpoint-6: only its staging folder is left.
+    assert train("clm", text_files, out, "kill_in_save@6").returncode == -signal.SIGKILL
+    assert (out / "tmp-checkpoint-6").is_dir() and not (out / "checkpoint-6").exists()
+
+    # A half-written checkpoint from some other writer is skipped, with a word about it.
+    (out / "checkpoint-7").mkdir()
+    (out / "checkpoint-7" / "config.json").write_text("{")
+
+    process = train("clm", text_files, out)
+    assert process.returncode == 0, process.stderr[-3000:]
+    log = process.stdout + process.stderr
+    assert "Skipping" in log and "checkpoint-7" in log
+    assert f"Resuming from {out / 'checkpoint-4'}" in log
+    assert not (out / "tmp-checkpoint-6").exists()
+
+    expected, resumed = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert tensor.equal(resumed[name]), name
+    assert losses_by_step(out) == losses_by_step(uninterrupted)
+    for key in ("eval_loss", "eval_accuracy", "perplexity"):
+        assert read_json(out / "eval_results.json")[key] == read_json(uninterrupted / "eval_results.json")[key]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_files, tmp_path):
+    out = tmp_path / "out"
+    process = train("mlm", text_files, out, "nan_loss@4", eval_too=False)
+    assert process.returncode == 3, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    line = last_line(process)
+    assert line.startswith("error: non-finite loss") and "at step 4" in line and "checkpoint-2" in line
+    # Step 4 is a save step: its (NaN) weights must not be saved, and there is no final model.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_nan_loss_skip_drops_that_update_and_goes_on(text_files, tmp_path):
+    out = tmp_path / "out"
+    process = train("clm", text_files, out, "nan_loss@4", "--on_nonfinite_loss", "skip", eval_too=False)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "Non-finite loss at step 4: its update was skipped" in process.stdout + process.stderr
+    assert read_json(out / "trainer_state.json")["global_step"] == 8
+    assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values())
+
+
+def test_under_torchrun_all_processes_stop_after_the_same_step(text_files, tmp_path):
+    # Only process 1 gets SIGTERM; both must save checkpoint-3 together and stop with 143.
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+               str(ROOT / "run_clm.py"), *TINY["clm"], *RUN, "--per_device_train_batch_size", "2", "--use_cpu",
+               "--train_file", str(text_files["train"]), "--do_train", "--output_dir", str(out)]
+    env = {**os.environ, "LM_TEST_FAULTS": "sigterm@3/1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
+    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert process.returncode != 0
+    log = process.stdout + process.stderr
+    assert log.count("saving a checkpoint at step 3 of 8, then stopping") == 2, log[-4000:]
+    assert log.count("(exit status 143)") == 2
+    files = set(os.listdir(out / "checkpoint-3"))
+    assert {"rng_state_0.pth", "rng_state_1.pth", COMPLETE_MARKER} <= files
+    assert not (out / "checkpoint-4").exists()
+
+
+# ---------------------------------------------------------------------------- choosing the checkpoint
+
+
+def fake_checkpoint(folder, step, complete=True):
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"x" * 100)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        _write_marker(str(path), step)
+    return path
+
+
+def args_for(out, **kwargs):
+    return LMTrainingArguments(output_dir=str(out), do_train=True, report_to="none", **kwargs)
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_says_what_it_skipped(tmp_path, caplog):
+    out = tmp_path / "out"
+    fake_checkpoint(out, 2)
+    good = fake_checkpoint(out, 4)
+    fake_checkpoint(out, 6, complete=False)  # cut off (or not ours): no marker
+    truncated = fake_checkpoint(out, 8)
+    (truncated / "model.safetensors").write_bytes(b"x" * 10)  # damaged after it was written
+    (out / "tmp-checkpoint-10" / "checkpoint-10").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="utils"):
+        assert checkpoint_to_resume(args_for(out)) == str(good)
+    assert "checkpoint-6: no checkpoint_complete.json" in caplog.text
+    assert "checkpoint-8: model.safetensors has 10 bytes, not the 100" in caplog.text
+
+
+def test_leftovers_of_a_run_killed_before_its_first_checkpoint_do_not_block_it(tmp_path):
+    out = tmp_path / "out"
+    (out / "tmp-checkpoint-2" / "checkpoint-2").mkdir(parents=True)
+    (out / "tmp-model").mkdir()
+    (out / "run_info.json").write_text("{}")
+    (out / "train.log").write_text("log")
+    assert checkpoint_to_resume(args_for(out)) is None
+
+
+def test_only_incomplete_checkpoints_is_an_error_that_names_them(tmp_path):
+    out = tmp_path / "out"
+    fake_checkpoint(out, 5, complete=False)
+    with pytest.raises(UsageError, match=r"checkpoint-5 is incomplete: pass --resume_from_checkpoint"):
+        checkpoint_to_resume(args_for(out))
+
+
+def test_explicit_checkpoint_is_checked(tmp_path):
+    damaged = fake_checkpoint(tmp_path, 3)
+    (damaged / "model.safetensors").unlink()
+    with pytest.raises(UsageError, match="is damaged: model.safetensors is missing"):
+        checkpoint_to_resume(args_for(tmp_path / "out", resume_from_checkpoint=str(damaged)))
+    unmarked = fake_checkpoint(tmp_path / "other", 3, complete=False)  # e.g. from plain transformers
+    assert checkpoint_to_resume(args_for(tmp_path / "out", resume_from_checkpoint=str(unmarked))) == str(unmarked)
+
+
+def test_publishing_over_an_existing_checkpoint_replaces_it(tmp_path):
+    old = fake_checkpoint(tmp_path, 4)
+    new = fake_checkpoint(tmp_path / "tmp-checkpoint-4", 4)
+    (new / "model.safetensors").write_bytes(b"new")
+    _publish(str(new), str(old))
+    assert (old / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "tmp-checkpoint-4"]
+
+
+# ---------------------------------------------------------------------------- the callbacks in-process
+
+
+def test_signal_sets_a_flag_and_the_step_end_saves_and_stops():
+    callback, args = PreemptionCallback(), TrainingArguments(output_dir="unused", report_to="none")
+    state, control = TrainerState(global_step=5, max_steps=10), TrainerControl()
+    before = signal.getsignal(signal.SIGTERM)
+    callback.on_train_begin(args, state, control)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: only a flag is set
+        callback.on_step_end(args, state, control)
+    finally:
+        callback.on_train_end(args, state, control)
+    assert control.should_save and control.should_training_stop and callback.stopped_at == 5
+    assert callback.exit_status == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_second_signal_is_not_caught():
+    callback, args = PreemptionCallback(), TrainingArguments(output_dir="unused", report_to="none")
+    state, control = TrainerState(global_step=1, max_steps=10), TrainerControl()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever the test runner set
+    try:
+        callback.on_train_begin(args, state, control)
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        callback.on_train_end(args, state, control)
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_fault_plan_reads_steps_and_ranks(monkeypatch):
+    monkeypatch.setenv("LM_TEST_FAULTS", "sigterm@3/1, kill@5,nan_loss@2/0")
+    monkeypatch.setenv("RANK", "1")
+    assert planned_faults() == {"sigterm": 3, "kill": 5}

@@ -1,0 +1,272 @@
+"""Runs that stop early without losing work: preemption signals and non-finite losses.
+
+* ``PreemptionCallback``: on SIGTERM or SIGINT (what schedulers send before a kill, and Ctrl+C)
+  the current optimizer step is finished, a checkpoint is written and training stops; the
+  script then exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT)
+  without saving a final model or evaluating. Running the same command again resumes from
+  that checkpoint. A second signal stops at once, without a checkpoint.
+* ``NonFiniteLossCallback``: a NaN/inf training loss drops that step's update. With
+  ``--on_nonfinite_loss stop`` (default) training stops without saving the bad step, and the
+  script exits with status 3 naming the step; with ``skip`` training goes on. Off under fp16
+  with dynamic loss scaling, whose scaler already skips overflowing steps.
+* ``stop_reason(trainer)``: after ``trainer.train()``, why training stopped early, if it did.
+
+Under torchrun every process decides with the others (a one-number all-reduce per step,
+only when distributed), so all stop after the same step even if one process got the signal.
+
+Test-only fault injection (never set it in real runs): ``LM_TEST_FAULTS`` holds
+comma-separated ``EVENT@STEP`` entries, ``EVENT@STEP/RANK`` for one process only. Events:
+``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process at the end of optimizer step
+STEP), ``nan_loss`` (the model's loss becomes NaN in step STEP), ``kill_in_save`` (SIGKILL
+while checkpoint-STEP is being written, after its files and before it is published).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from .errors import TrainingStopped
+
+logger = logging.getLogger(__name__)
+
+EXIT_NONFINITE_LOSS = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FAULTS_ENV = "LM_TEST_FAULTS"
+
+
+def any_process(flag: bool, args) -> bool:
+    """True when ``flag`` is true on any process: a one-number all-reduce, only when distributed."""
+    if args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=args.device)  # nccl/hccl need it on the device
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# ---------------------------------------------------------------------------- preemption
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM/SIGINT: finish the step, save a checkpoint, stop training (see the module doc)."""
+
+    def __init__(self):
+        self.received: int | None = None  # set by the signal handler, read between steps
+        self.stopped_at: int | None = None  # the step whose checkpoint was written on the way out
+        self._previous_handlers: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = self.stopped_at = None
+        self._restore_handlers()  # a train() that raised never reached on_train_end
+        try:
+            for sig in STOP_SIGNALS:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # handlers can only be set in the main thread (e.g. not in a notebook worker)
+            logger.warning("Not in the main thread: SIGTERM/SIGINT will stop training without a checkpoint")
+
+    def _on_signal(self, signum, frame):
+        # Only set a flag: the training loop acts on it between steps, where the state is consistent.
+        if self.received is None:
+            self.received = signum
+            return
+        # A second signal: the sender insists. Act as if we had never caught it (no checkpoint).
+        self._restore_handlers()
+        signal.raise_signal(signum)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not any_process(self.received is not None, args):
+            return
+        self.stopped_at = state.global_step
+        control.should_save = True
+        control.should_training_stop = True
+        control.should_evaluate = False  # the scheduler's grace period is better spent saving
+        logger.warning("%s received: saving a checkpoint at step %d of %d, then stopping",
+                       self.signal_name, state.global_step, state.max_steps)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            control.should_save = False  # this step's checkpoint is already written
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # After training the default behaviour returns: the final save replaces files atomically.
+        self._restore_handlers()
+
+    def _restore_handlers(self):
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "SIGTERM/SIGINT (sent to another process)"
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.received or signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------- non-finite loss
+
+
+def scaler_skips_overflows(args) -> bool:
+    """fp16 with dynamic loss scaling skips inf/NaN steps itself (transformers' or utils.amp's scaler)."""
+    loss_scale = getattr(args, "loss_scale", None)  # the mixed-precision flag, when present
+    return bool(args.fp16) and (loss_scale is None or str(loss_scale).lower() == "dynamic")
+
+
+def drop_update(model, optimizer) -> None:
+    """Make the coming optimizer step a no-op: torch optimizers leave params without a grad alone."""
+    params = list(model.parameters()) if model is not None else []
+    if optimizer is not None:
+        # The optimizer may step other tensors than the model's (fp32 masters under mixed precision).
+        params += [p for group in optimizer.param_groups for p in group["params"]]
+    for param in params:
+        param.grad = None
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Watches the training loss; on NaN/inf drops the step's update, then stops or skips.
+
+    The loss is read from the model's output by a forward hook (so no Trainer method is
+    overridden) and kept on the device; it is looked at once per optimizer step, in
+    ``on_pre_optimizer_step``. On CPU that is free. On a GPU/NPU it is one sync per
+    optimizer step; the Trainer's default ``--logging_nan_inf_filter`` already syncs on the
+    loss of every micro-batch, so it adds nothing noticeable there.
+    """
+
+    def __init__(self, policy: str = "stop"):
+        self.policy = policy
+        self.bad_step: int | None = None  # the step that stopped training (policy stop)
+        self.skipped_steps: list[int] = []  # steps whose update was skipped (policy skip)
+        self._nonfinite = None  # device bool: a non-finite loss since the last optimizer step
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.bad_step, self.skipped_steps, self._nonfinite = None, [], None
+        if model is not None and self._hook is None and not scaler_skips_overflows(args):
+            self._hook = model.register_forward_hook(self._observe)
+
+    def _observe(self, module, inputs, outputs):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        if module.training and isinstance(loss, torch.Tensor):
+            bad = ~torch.isfinite(loss.detach()).all()  # stays on the device: no sync here
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._hook is None:
+            return
+        bad = self._nonfinite is not None and bool(self._nonfinite.item())
+        self._nonfinite = None
+        if not any_process(bad, args):
+            return
+        step = state.global_step + 1  # global_step counts finished steps
+        drop_update(model, optimizer)
+        if self.policy == "skip":
+            self.skipped_steps.append(step)
+            logger.warning("Non-finite loss at step %d: its update was skipped (--on_nonfinite_loss skip)", step)
+        else:
+            self.bad_step = step
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bad_step is not None:
+            control.should_save = False  # never checkpoint the step that went wrong
+            control.should_evaluate = False
+
+    on_epoch_end = on_step_end
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+# ---------------------------------------------------------------------------- after train()
+
+
+def find_callback(trainer, kind):
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kind)), None)
+
+
+def stop_reason(trainer) -> TrainingStopped | None:
+    """Why ``trainer.train()`` stopped before the end (preempted, non-finite loss), if it did."""
+    from .checkpoints import newest_complete_checkpoint  # checkpoints imports this module
+
+    output_dir = trainer.args.output_dir
+    preemption = find_callback(trainer, PreemptionCallback)
+    if preemption is not None and preemption.stopped_at is not None:
+        return TrainingStopped(
+            f"stopped: {preemption.signal_name} received; saved {output_dir}/checkpoint-{preemption.stopped_at} "
+            f"at step {preemption.stopped_at} of {trainer.state.max_steps}, no final model or evaluation; "
+            f"run the same command to resume (exit status {preemption.exit_status})",
+            preemption.exit_status,
+        )
+    guard = find_callback(trainer, NonFiniteLossCallback)
+    if guard is not None and guard.bad_step is not None:
+        last = newest_complete_checkpoint(output_dir, quiet=True) if os.path.isdir(output_dir) else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        return TrainingStopped(
+            f"error: non-finite loss (NaN or inf) at step {guard.bad_step}: training stopped without saving "
+            f"that step; {kept}. Lower --learning_rate, check the data, or pass --on_nonfinite_loss skip",
+            EXIT_NONFINITE_LOSS,
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------- test-only faults
+
+
+def planned_faults() -> dict[str, int]:
+    """``{event: step}`` from LM_TEST_FAULTS for this process (test-only, see the module doc)."""
+    faults = {}
+    rank = os.environ.get("RANK", "0")
+    for entry in filter(None, os.environ.get(FAULTS_ENV, "").replace(" ", "").split(",")):
+        event, _, where = entry.partition("@")
+        step, _, only_rank = where.partition("/")
+        if not only_rank or only_rank == rank:
+            faults[event] = int(step)
+    return faults
+
+
+def fault_point(event: str, step: int) -> None:
+    """SIGKILL this process here when LM_TEST_FAULTS asks for ``event`` at ``step``."""
+    if planned_faults().get(event) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjectionCallback(TrainerCallback):
+    """Test-only: signals, kills and NaN losses at the steps LM_TEST_FAULTS names."""
+
+    def __init__(self):
+        self.faults = planned_faults()
+        self._nan_hook = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.faults.get("nan_loss") == state.global_step + 1 and model is not None:
+            # Prepended, so that the loss watcher's hook sees the NaN as it would a real one.
+            self._nan_hook = model.register_forward_hook(_nan_loss, prepend=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._nan_hook is not None:
+            self._nan_hook.remove()
+            self._nan_hook = None
+        if self.faults.get("sigterm") == state.global_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        fault_point("kill", state.global_step)
+
+
+def _nan_loss(module, inputs, outputs):
+    if module.training and outputs.get("loss") is not None:
+        outputs["loss"] = outputs["loss"] * float("nan")
+    return outputs
+
+
+def reliability_callbacks(args) -> list[TrainerCallback]:
+    """The callbacks every run gets from this module (fault injection only when a test asks)."""
+    callbacks = [FaultInjectionCallback()] if os.environ.get(FAULTS_ENV) else []
+    return callbacks + [PreemptionCallback(), NonFiniteLossCallback(getattr(args, "on_nonfinite_loss", "stop"))]
