@@ -8,8 +8,9 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from conftest import TOKENIZERS, WIKI_TEST_RAW
-from utils.data import SampleRecipe, pack_blocks, prepare_datasets, tokenized_cache_root
+import utils.data as data_module
+from conftest import TINY, TOKENIZERS, WIKI_TEST_RAW, read_json, run_script
+from utils.data import SampleRecipe, load_raw_datasets, pack_blocks, prepare_datasets, tokenized_cache_root
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,131 @@ class _null_context:
 
     def __exit__(self, *exc):
         return False
+
+
+# ------------------------------------------------------------- cache keys and workers
+
+
+def _args(**changes):
+    data_args = SimpleNamespace(max_train_samples=None, max_eval_samples=None, text_column_name=None,
+                                preprocessing_num_workers=None, overwrite_cache=False, streaming=False,
+                                train_file=None, validation_file=None, dataset_name=None, keep_linebreaks=True,
+                                validation_split_percentage=5)
+    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1,
+                                    main_process_first=lambda desc: _null_context())
+    for key, value in changes.items():
+        setattr(training_args if hasattr(training_args, key) else data_args, key, value)
+    return data_args, training_args
+
+
+def test_two_workers_give_the_same_samples_as_one(rows, gpt2, tmp_path):
+    one = recipe(gpt2).build(rows, None, str(tmp_path))
+    two = SampleRecipe(gpt2, column="text", seq_len=128, line_by_line=False, pad_to_max_length=False,
+                       num_proc=2).build(rows, None, str(tmp_path))
+    assert two["input_ids"] == one["input_ids"]
+    prefix = SampleRecipe(gpt2, column="text", seq_len=128, line_by_line=False, pad_to_max_length=False,
+                          num_proc=2).build(rows, 30, str(tmp_path))
+    assert prefix["input_ids"] == one["input_ids"][:30]
+
+
+def test_cache_with_two_workers_is_reused_and_matches(rows, gpt2, tmp_path, caplog):
+    raw = {"train": rows}
+    with caplog.at_level(logging.INFO, logger="utils.data"):
+        data_args, training_args = _args(preprocessing_num_workers=2)
+        two = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=128, cache_dir=str(tmp_path))["train"]
+        assert "Tokenizing" in caplog.text
+        caplog.clear()
+        # The worker count does not change the samples, so it is not part of the key.
+        data_args, training_args = _args()
+        one = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=128, cache_dir=str(tmp_path))["train"]
+        assert "Reusing tokenized data" in caplog.text
+    fresh = recipe(gpt2).build(rows, None, str(tmp_path / "work"))
+    assert two["input_ids"] == one["input_ids"] == fresh["input_ids"]
+
+
+def test_an_edited_source_file_is_tokenized_again(gpt2, tmp_path, caplog):
+    text = tmp_path / "train.txt"
+    lines = WIKI_TEST_RAW.read_text(encoding="utf-8").splitlines(keepends=True)[:300]
+    text.write_text("".join(lines), encoding="utf-8")
+    model_args = SimpleNamespace(cache_dir=str(tmp_path / "cache"), token=None)
+
+    def prepare():
+        data_args, training_args = _args(train_file=str(text), validation_file=str(text))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="utils.data"):
+            raw = load_raw_datasets(model_args, data_args)
+            samples = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=64, cache_dir=model_args.cache_dir)
+        return raw["train"]._fingerprint, samples["train"]["input_ids"], caplog.text
+
+    fingerprint, first, log = prepare()
+    assert "Tokenizing" in log
+    assert prepare()[2].count("Reusing tokenized data") == 1
+
+    # The same size, one word changed: datasets' fingerprint follows the file's mtime.
+    edited = "".join(lines).replace(" the ", " THE ", 1)
+    assert len(edited) == len("".join(lines))
+    text.write_text(edited, encoding="utf-8")
+    new_fingerprint, second, log = prepare()
+    assert new_fingerprint != fingerprint
+    assert "Tokenizing" in log and "Reusing" not in log
+    assert second != first
+
+
+def test_cache_is_reused_by_a_second_run_of_the_script(text_files, tmp_path):
+    flags = [*TINY["clm"], "--report_to", "none", "--disable_tqdm", "true", "--validation_file", text_files["valid"],
+             "--do_eval", "--max_eval_samples", "8", "--cache_dir", tmp_path / "cache"]
+    first = run_script("clm", *flags, "--output_dir", tmp_path / "a")
+    assert "Reusing tokenized data" not in first.stdout + first.stderr
+    second = run_script("clm", *flags, "--output_dir", tmp_path / "b")
+    assert "Reusing tokenized data" in second.stdout + second.stderr
+    a, b = (read_json(tmp_path / run / "eval_results.json") for run in "ab")
+    assert (a["eval_loss"], a["eval_samples"]) == (b["eval_loss"], b["eval_samples"])
+
+
+# ------------------------------------------------------------------- line by line
+
+
+def test_line_by_line_equals_the_straightforward_version_blank_lines_included(tmp_path):
+    bert = AutoTokenizer.from_pretrained(TOKENIZERS / "bert-base-uncased")
+    lines = ["", "\n", "   \n", "\t", " A first line.\n", "second\n", "", " = = Heading = = \n", "x" * 400 + "\n"]
+    rows = Dataset.from_dict({"text": lines})
+    # The Hugging Face example: drop empty and whitespace-only lines, tokenize with truncation.
+    kept = [line for line in lines if len(line) > 0 and not line.isspace()]
+    expected = bert(kept, truncation=True, max_length=32)["input_ids"]
+    samples = recipe(bert, seq_len=32, line_by_line=True).build(rows, None, str(tmp_path))
+    assert samples["input_ids"] == expected
+    assert len(samples) == 4
+
+
+# ---------------------------------------------------------------------- streaming
+
+
+def test_streaming_evaluation_is_bounded_by_default(rows, gpt2, caplog, monkeypatch):
+    monkeypatch.setattr(data_module, "STREAM_EVAL_SAMPLES", 5)
+    data_args, training_args = _args(streaming=True, do_train=False, do_eval=True)
+    stream = {"validation": rows.to_iterable_dataset()}
+    with caplog.at_level(logging.INFO, logger="utils.data"):
+        samples = prepare_datasets(stream, gpt2, data_args, training_args, seq_len=64)["eval"]
+    assert "evaluating on the first 5 samples" in caplog.text
+    assert len(list(samples)) == 5
+
+    data_args.max_eval_samples = 7  # an explicit bound wins
+    samples = prepare_datasets(stream, gpt2, data_args, training_args, seq_len=64)["eval"]
+    assert len(list(samples)) == 7
+
+
+def test_streamed_blocks_equal_the_prepared_ones(rows, gpt2, tmp_path):
+    prepared = recipe(gpt2).build(rows, None, str(tmp_path))
+    streamed = [list(s["input_ids"]) for s in recipe(gpt2).stream(rows.to_iterable_dataset())]
+    # Packing happens per group of rows on the fly, so each group drops its own tail: fewer, not other, tokens.
+    assert all(len(block) == 128 for block in streamed)
+    assert 0.9 * len(prepared) <= len(streamed) <= len(prepared)
+    assert streamed[0] == prepared["input_ids"][0]
+
+
+def test_packing_piece_by_piece_keeps_one_continuous_stream(rows, gpt2, tmp_path, monkeypatch):
+    # Pieces of 7 rows: almost every block spans two pieces, and still equals the list version.
+    monkeypatch.setattr(data_module, "PACK_ROWS", 7)
+    token_lists = gpt2(list(rows["text"][:300]))["input_ids"]
+    samples = recipe(gpt2, seq_len=50).build(rows.select(range(300)), None, str(tmp_path))
+    assert samples["input_ids"] == list_group_texts(token_lists, 50)

@@ -3,6 +3,7 @@
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DataCollatorForLanguageModeling, DataCollatorForPermutationLanguageModeling
 
@@ -11,11 +12,21 @@ def _input_ids(examples) -> list:
     return [e["input_ids"] if isinstance(e, Mapping) else e for e in examples]
 
 
+def _stack(rows: list) -> torch.Tensor:
+    """Equal-length rows (lists, NumPy arrays or tensors) as one int64 batch."""
+    if isinstance(rows[0], np.ndarray):
+        # torch.as_tensor walks a list of arrays element by element, which is very slow.
+        return torch.from_numpy(np.stack(rows)).long()
+    if isinstance(rows[0], torch.Tensor):
+        return torch.stack(rows).long()
+    return torch.as_tensor(rows, dtype=torch.long)
+
+
 class CausalLMCollator:
     """Stacks equal-length blocks; the labels are the inputs (the model shifts them)."""
 
     def __call__(self, examples) -> dict:
-        input_ids = torch.as_tensor(_input_ids(examples), dtype=torch.long)
+        input_ids = _stack(_input_ids(examples))
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 

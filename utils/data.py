@@ -31,7 +31,10 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 # Plain text also under WikiText's own extensions (.raw, .tokens).
 BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json": "json", "jsonl": "json"}
+PACK_ROWS = 10_000  # rows of token lists packed at a time when preparing a split
 STREAM_GROUP_ROWS = 1000  # rows packed together when grouping a stream on the fly
+# A stream may never end: without --max_eval_samples, evaluation stops after this many samples.
+STREAM_EVAL_SAMPLES = 1000
 
 
 # ---------------------------------------------------------------------------- loading
@@ -156,21 +159,31 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
         if split not in raw:
             flag = "--train_file" if name == "train" else "--validation_file"
             raise UsageError(f"--do_{name} needs a {split} split: pass {flag} or a dataset that has one")
+        rows = raw[split]
+        if isinstance(rows, IterableDataset) and rows.column_names is None:
+            # Streamed local files do not declare their columns: read the first rows to learn them.
+            rows = rows._resolve_features()
         recipe = SampleRecipe(
             tokenizer=tokenizer,
-            column=text_column(raw[split], data_args.text_column_name),
+            column=text_column(rows, data_args.text_column_name),
             seq_len=seq_len,
             line_by_line=line_by_line,
             pad_to_max_length=pad_to_max_length,
             num_proc=data_args.preprocessing_num_workers,
         )
-        if isinstance(raw[split], IterableDataset):
-            samples = recipe.stream(raw[split])
+        if isinstance(rows, IterableDataset):
+            if max_samples is None and name == "eval":
+                max_samples = STREAM_EVAL_SAMPLES
+                logger.info("Streaming: evaluating on the first %d samples (set --max_eval_samples to change it)",
+                            max_samples)
+            samples = recipe.stream(rows)
             if max_samples is not None:
                 samples = samples.take(max_samples)
         else:
+            # For local files datasets' fingerprint follows the file's mtime, so edited text is a new key.
+            source = rows._fingerprint
             with training_args.main_process_first(desc=f"preparing the {split} split"):
-                samples = _cached(recipe, raw[split], max_samples, data_args.overwrite_cache, cache_dir)
+                samples = _cached(recipe, rows, source, max_samples, data_args.overwrite_cache, cache_dir)
             if len(samples) == 0:
                 raise UsageError(
                     f"the {split} data gives no samples: is it empty, or shorter than one block of {seq_len} tokens?"
@@ -235,7 +248,7 @@ class SampleRecipe:
         count = min(n_rows, 2000) if max_samples is not None else n_rows
         while True:
             tokens = self._tokenize_rows(rows.select(range(count)) if count < n_rows else rows, workdir)
-            samples = tokens if self.line_by_line else self._pack(tokens)
+            samples = tokens if self.line_by_line else self._pack(tokens, workdir)
             if max_samples is None or len(samples) >= max_samples or count == n_rows:
                 break
             # Grow the prefix towards the size that should hold enough samples, at least doubling it.
@@ -257,11 +270,23 @@ class SampleRecipe:
             desc="Tokenizing",
         )
 
-    def _pack(self, tokens: Dataset) -> Dataset:
-        flat = _flatten_lists(tokens.data.column("input_ids"))
-        blocks = pack_blocks(flat, self.seq_len)
-        array = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), self.seq_len)
-        return Dataset(pa.table({"input_ids": array}))
+    def _pack(self, tokens: Dataset, workdir: str) -> Dataset:
+        """Blocks written to an Arrow file piece by piece, so memory does not grow with the corpus.
+
+        The stream stays continuous: the tokens left over after one piece start the next one.
+        """
+        path = os.path.join(workdir, f"blocks-{len(tokens)}.arrow")
+        schema = pa.schema({"input_ids": pa.list_(pa.int32(), self.seq_len)})
+        carry = np.empty(0, np.int32)
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in tokens.data.to_batches(max_chunksize=PACK_ROWS):
+                flat = np.concatenate([carry, _flatten_lists(batch.column(0))])
+                blocks = pack_blocks(flat, self.seq_len)
+                carry = flat[blocks.size:]
+                if len(blocks):
+                    array = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), self.seq_len)
+                    writer.write_batch(pa.record_batch([array], schema=schema))
+        return Dataset.from_file(path)
 
     def stream(self, rows: IterableDataset) -> IterableDataset:
         """The same samples, produced on the fly from a stream."""
@@ -282,9 +307,8 @@ def pack_blocks(flat: np.ndarray, seq_len: int) -> np.ndarray:
     return flat[: n_blocks * seq_len].reshape(n_blocks, seq_len)
 
 
-def _flatten_lists(column: pa.ChunkedArray) -> np.ndarray:
-    pieces = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
-    return np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.empty(0, np.int32)
+def _flatten_lists(column: pa.ListArray) -> np.ndarray:
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
 # ------------------------------------------------------------------------------ cache
@@ -296,10 +320,10 @@ def tokenized_cache_root(cache_dir: str | None) -> str:
     return os.path.join(datasets.config.HF_DATASETS_CACHE, "tokenized")
 
 
-def _cached(recipe: SampleRecipe, rows: Dataset, max_samples: int | None, overwrite: bool,
+def _cached(recipe: SampleRecipe, rows: Dataset, source: str, max_samples: int | None, overwrite: bool,
             cache_dir: str | None) -> Dataset:
     root = tokenized_cache_root(cache_dir)
-    path = os.path.join(root, recipe.key(rows._fingerprint, max_samples))
+    path = os.path.join(root, recipe.key(source, max_samples))
     if os.path.isdir(path) and not overwrite:
         logger.info("Reusing tokenized data from %s", path)
         return load_from_disk(path)
