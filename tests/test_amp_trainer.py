@@ -7,7 +7,6 @@ fp16 and bf16 both run on the CPU. AdamW eps is 1e-3 for every level (fp16 O3 ke
 moments in fp16, where a tiny eps blows the update up: apex's caveat for O3).
 """
 
-import json
 import math
 import os
 import shutil
