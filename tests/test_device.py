@@ -272,13 +272,6 @@ def test_summary_without_results_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-def skip_unless_run_clm_works():
-    if not (ROOT / "run_clm.py").is_file():
-        pytest.skip("run_clm.py does not exist yet")
-    if run([sys.executable, "run_clm.py", "--help"], timeout=120).returncode != 0:
-        pytest.skip("run_clm.py --help fails")
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -286,7 +279,6 @@ def _free_port() -> int:
 
 
 def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
-    skip_unless_run_clm_works()
     lines = (ROOT / "data" / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(True)
     (tmp_path / "train.txt").write_text("".join(lines[:700]), encoding="utf-8")
     (tmp_path / "valid.txt").write_text("".join(lines[700:900]), encoding="utf-8")
@@ -329,3 +321,43 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
     parsed = summary.parse_row(row)
     assert parsed["model"] == "gpt2" and parsed["devices"] == "2p" and parsed["amp"] == "fp32"
     assert 0.0 <= parsed["acc"] <= 1.0 and parsed["fps"] > 0
+
+
+# ------------------------------------------------- `python run_clm.py` with several devices
+
+
+def test_one_process_on_several_devices_becomes_one_per_device(monkeypatch, tmp_path):
+    """What `python run_clm.py ...` on a 2-GPU machine execs; the command is then run for real (on CPU)."""
+    monkeypatch.setattr(device, "device_count", lambda name: 2)
+    monkeypatch.setattr(sys, "argv", ["run_clm.py", "--do_train"])
+    assert device.all_devices_command("cpu") is None  # processes on one CPU are the launchers' choice
+    monkeypatch.setenv("LM_AUTO_DDP", "0")
+    assert device.all_devices_command("cuda") is None
+    monkeypatch.delenv("LM_AUTO_DDP")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert device.all_devices_command("cuda") is None  # already under torchrun
+    monkeypatch.delenv("LOCAL_RANK")
+
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda path, command, env: execs.append((command, env)))
+    device.run_on_all_devices("npu")
+    [(command, env)] = execs
+    assert command == [sys.executable, "-m", "utils.torchrun", "--standalone", "--nproc_per_node=2",
+                       str(Path("run_clm.py").resolve()), "--do_train"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+    # The same command (script path and flags filled in), started from another folder, trains on
+    # 2 processes: the DDP run the one-process command turns into.
+    text = (ROOT / "data" / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(True)
+    (tmp_path / "train.txt").write_text("".join(text[:400]), encoding="utf-8")
+    flags = ["--model_type", "gpt2", "--tokenizer_name", str(ROOT / "data/tokenizers/gpt2"), "--block_size", "64",
+             "--config_overrides", "n_layer=1,n_embd=32,n_head=2,n_positions=64", "--train_file",
+             str(tmp_path / "train.txt"), "--per_device_train_batch_size", "4", "--max_steps", "2", "--do_train",
+             "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
+    command = command[:5] + [str(ROOT / "run_clm.py"), *flags]
+    process = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env={**{k: v for k, v in env.items() if k not in DEVICE_ENV}, "LM_DEVICE": "cpu",
+                                  "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
+    assert process.returncode == 0, process.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert results["train_samples_per_second"] * results["train_runtime"] == pytest.approx(16, rel=0.02)

@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .amp import OPT_LEVELS as AMP_OPT_LEVELS
 from .amp import check_amp_flags
 from .cli import setup_logging
-from .device import finish_device_setup, setup_device
+from .device import finish_device_setup, run_on_all_devices, setup_device
 from .errors import UsageError
 
 
@@ -215,5 +215,6 @@ def parse_args(*task_dataclasses):
         raise UsageError(" ".join(str(err).split())) from None
     training_args = parsed[-1]
     setup_logging(training_args)
+    run_on_all_devices(device)  # `python run_clm.py` on 8 GPUs becomes 8 DDP processes
     finish_device_setup(training_args, device)  # also seeds every device
     return parsed
