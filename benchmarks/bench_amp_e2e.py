@@ -10,6 +10,9 @@ and over the whole run (``train_tokens_per_second``, start-up included).
     python benchmarks/bench_amp_e2e.py --steps 30          # GPT-2 with 4 layers, width 256
     python benchmarks/bench_amp_e2e.py --tiny --steps 3    # 2 layers, width 64: seconds
 
+On a CPU without half-precision matrix units (no AVX512-BF16/AMX), fp16 and bf16 matmuls are
+tens of times slower than fp32 and the default size takes very long there: use --tiny.
+
 The device is the scripts' usual pick (NPU, CUDA, CPU; LM_DEVICE=cpu forces the CPU). On a
 shared CPU the figures are noisy: compare rows of one table, not tables of different runs.
 """

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from common import print_table
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT / "data" / "wikitext-2-v1" / "wiki.train.tokens"
 TOKENIZER = ROOT / "data" / "tokenizers" / "gpt2"
@@ -181,14 +183,7 @@ def main(argv=None) -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(folder, ignore_errors=True)
-    print_table(rows)
-
-
-def print_table(rows: list[list[str]]) -> None:
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "|".join(" --- " for _ in COLUMNS) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(COLUMNS, rows)
 
 
 if __name__ == "__main__":

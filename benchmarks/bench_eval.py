@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import print_table
+
 ROOT = Path(__file__).resolve().parents[1]
 VALID_TEXT = ROOT / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
 MODEL = ["--model_type", "gpt2", "--tokenizer_name", str(ROOT / "data" / "tokenizers" / "gpt2"),
@@ -129,10 +131,7 @@ def main(argv=None) -> None:
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "|".join(" --- " for _ in COLUMNS) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import print_table
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT / "data" / "wikitext-2-v1" / "wiki.train.tokens"
 TOKENIZERS = ROOT / "data" / "tokenizers"
@@ -101,10 +103,7 @@ def main(argv=None) -> None:
             shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "|".join(" --- " for _ in COLUMNS) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(COLUMNS, rows)
 
 
 if __name__ == "__main__":
