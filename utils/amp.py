@@ -659,8 +659,8 @@ def choose_backend(requested: str, cfg: AmpConfig) -> tuple[str, Any | None]:
 class ApexAmpOptimizer(torch.optim.Optimizer):
     """apex's amp behind the interface the Trainer integration uses (``MixedPrecisionOptimizer``'s).
 
-    Built from an optimizer that ``amp.initialize`` has patched. Unverified here: no apex
-    with amp can be installed on the development machine.
+    Built from an optimizer that ``amp.initialize`` has patched. Tested against a stand-in
+    ``apex.amp`` (tests/test_apex_bridge.py), not yet against a real apex with amp.
     """
 
     def __init__(self, amp: Any, optimizer: torch.optim.Optimizer) -> None:

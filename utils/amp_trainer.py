@@ -66,6 +66,7 @@ class MixedPrecisionMixin:
     def _setup_amp(self) -> None:
         cfg = self.amp_config
         self.amp_backend, self._apex_amp = choose_backend(self.args.amp_backend, cfg)
+        self.args.amp_backend = self.amp_backend  # "auto" resolved, for the run report
         logger.info("Mixed precision: %s backend, %s %s, loss scale %s, combine_grad %s", self.amp_backend,
                     str(cfg.half_dtype).removeprefix("torch."), cfg.opt_level,
                     cfg.loss_scale if cfg.uses_loss_scaling else "none", cfg.combine_grad)

@@ -75,16 +75,12 @@ def precision_setup(args) -> dict:
     return {
         "amp_type": amp_label(fp16, bf16, opt_level),
         "precision": "fp16" if fp16 else "bf16" if bf16 else "fp32",
-        "precision_backend": _precision_backend() if half else "none",
+        # The mixed-precision setup resolves --amp_backend auto to the backend it chose.
+        "precision_backend": ("apex" if getattr(args, "amp_backend", None) == "apex" else "native") if half else "none",
         "opt_level": opt_level,
         "combine_grad": bool(getattr(args, "use_combine_grad", False)),
         "loss_scale": getattr(args, "loss_scale", None) if fp16 else None,
     }
-
-
-def _precision_backend() -> str:
-    # apex is never imported by this suite unless the mixed-precision setup chose it.
-    return "apex" if "apex" in sys.modules else "native"
 
 
 def dataset_label(flags: list[str]) -> str:
