@@ -55,9 +55,10 @@ def main():
         processing_class=tokenizer,
         data_collator=CausalLMCollator(),
         accuracy=TokenAccuracy(shift=True),
+        tokens_per_sample=float(block_size),
     )
     if training_args.do_train:
-        train_and_save(trainer, checkpoint, num_samples(samples["train"]), float(block_size))
+        train_and_save(trainer, checkpoint, num_samples(samples["train"]))
     if training_args.do_eval:
         evaluate_and_save(trainer, num_samples(samples["eval"]))
 

@@ -73,10 +73,10 @@ def main():
         processing_class=tokenizer,
         data_collator=collator,
         accuracy=TokenAccuracy(),
+        tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, plm_args.line_by_line),
     )
     if training_args.do_train:
-        train_and_save(trainer, checkpoint, num_samples(samples["train"]),
-                       tokens_per_sample(samples["train"], seq_len, plm_args.line_by_line))
+        train_and_save(trainer, checkpoint, num_samples(samples["train"]))
     if training_args.do_eval:
         evaluate_and_save(trainer, num_samples(samples["eval"]))
 

@@ -1,13 +1,12 @@
 """What a run tells its users: a setup block at the start, tokens/s while training, a model card.
 
-* ``ReportCallback`` (registered for every run by ``utils.callbacks.default_callbacks``): at the
-  start of training, on the main process, logs one block with the device, precision (backend,
-  O-level, combine_grad, loss scale), world size and effective batch size, and writes the same
-  facts to ``OUTPUT_DIR/run_info.json`` so that the report scripts never unpickle
-  ``training_args.bin``. It also times the steps between training logs for ``add_training_speed``.
-* ``add_training_speed(trainer, logs)``: called by ``LMTrainer.log``; adds ``tokens_per_second``
-  (all processes together) to each training log (progress bar, TensorBoard, ``trainer_state.json``). The time between two
-  logs needs no device sync of its own: logging the loss already waits for the device.
+* ``ReportCallback`` (registered for every run by ``LMTrainer``): at the start of training, on
+  the main process, logs one block with the device, precision (backend, O-level, combine_grad,
+  loss scale), world size and effective batch size, and writes the same facts to
+  ``OUTPUT_DIR/run_info.json`` so that the report scripts never unpickle ``training_args.bin``.
+  ``LMTrainer.log`` asks it for ``tokens_per_second`` (all processes together) over the steps
+  since the last training log (progress bar, TensorBoard, ``trainer_state.json``). The time
+  between two logs needs no device sync of its own: logging the loss already waits for the device.
 * ``write_model_card(trainer)``: ``OUTPUT_DIR/README.md`` from all_results.json and run_info.json;
   called after each results file is saved, so the last card holds train and eval metrics.
 * ``results_cells(output_dir)``: one finished run's numbers for ``scripts/results_table.py``.
@@ -139,11 +138,9 @@ class ReportCallback(TrainerCallback):
     """Logs the setup and writes run_info.json at the start; keeps the clock for tokens/s."""
 
     def __init__(self):
-        self.tokens_per_sample = None
         self._mark = (time.perf_counter(), 0)
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        self.tokens_per_sample = _mean_tokens(getattr(train_dataloader, "dataset", None))
+    def on_train_begin(self, args, state, control, **kwargs):
         self._restart_clock(state)
         if state.is_world_process_zero:
             info = run_info(args)
@@ -161,33 +158,15 @@ class ReportCallback(TrainerCallback):
     def _restart_clock(self, state) -> None:
         self._mark = (time.perf_counter(), state.global_step)
 
-    def speed_since_last_log(self, args, state) -> dict:
+    def speed_since_last_log(self, args, state, tokens_per_sample: float | None) -> dict:
         """tokens/s over the optimizer steps since the last log, evaluation or save."""
         start, start_step = self._mark
         self._restart_clock(state)
         seconds, steps = time.perf_counter() - start, state.global_step - start_step
-        if not self.tokens_per_sample or steps <= 0 or seconds <= 0:
+        if not tokens_per_sample or steps <= 0 or seconds <= 0:
             return {}
         samples_per_second = steps * effective_batch_size(args) / seconds
-        return {"tokens_per_second": round(samples_per_second * self.tokens_per_sample, 1)}
-
-
-def _mean_tokens(dataset) -> float | None:
-    # Imported here: the report scripts import this module and need no datasets library.
-    from .data import tokens_per_sample
-
-    # The mean length over all samples; for packed blocks that is the block size.
-    return tokens_per_sample(dataset, 0, line_by_line=True) if dataset is not None else None
-
-
-def add_training_speed(trainer, logs: dict) -> None:
-    """Add tokens/s to a training log (one with a loss), before the Trainer hands it on."""
-    if "loss" not in logs:
-        return
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, ReportCallback):
-            logs.update(callback.speed_since_last_log(trainer.args, trainer.state))
-            return
+        return {"tokens_per_second": round(samples_per_second * tokens_per_sample, 1)}
 
 
 # --------------------------------------------------------------------------- at the end

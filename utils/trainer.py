@@ -5,11 +5,10 @@ import logging
 from transformers import Trainer
 
 from .amp_trainer import MixedPrecisionMixin
-from .callbacks import default_callbacks
 from .checkpoints import save_checkpoint_atomically, save_model_atomically
 from .metrics import TokenAccuracy, perplexity
-from .reliability import stop_reason
-from .reporting import add_training_speed, write_model_card
+from .reliability import reliability_callbacks, stop_reason
+from .reporting import ReportCallback, write_model_card
 from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
     mixed precision, or apex's amp when installed (``utils/amp_trainer.py``).
     """
 
-    def __init__(self, *args, accuracy: TokenAccuracy, **kwargs):
+    def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None, **kwargs):
         kwargs["args"].batch_eval_metrics = True
         kwargs["args"].prediction_loss_only = False
         if kwargs["args"].device.type == "cpu":
@@ -35,10 +34,13 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
         super().__init__(*args, compute_metrics=accuracy, preprocess_logits_for_metrics=accuracy.preprocess_logits,
                          **kwargs)
         self.accuracy = accuracy
-        for callback in default_callbacks(self.args):
+        # Mean tokens in a training sample (the block size when packed): tokens/s and MFU derive from it.
+        self.tokens_per_sample = tokens_per_sample
+        self.report = ReportCallback()  # setup block, run_info.json, tokens/s in the training logs
+        self.throughput = ThroughputCallback(self.args.fps_warmup_steps)  # fps after the warm-up
+        # SIGTERM/SIGINT -> checkpoint and stop; NaN/inf loss -> stop or skip (utils/reliability.py)
+        for callback in (self.report, self.throughput, *reliability_callbacks(self.args)):
             self.add_callback(callback)
-        self.throughput = ThroughputCallback(self.args.fps_warmup_steps)
-        self.add_callback(self.throughput)
 
     checkpoint_staging: str | None = None  # set while a checkpoint is being written (utils/checkpoints.py)
 
@@ -51,7 +53,8 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
         return self.checkpoint_staging or super()._get_output_dir(trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        add_training_speed(self, logs)  # tokens/s beside loss and lr, for the progress bar and TensorBoard
+        if "loss" in logs:  # tokens/s beside loss and lr, for the progress bar and TensorBoard
+            logs.update(self.report.speed_since_last_log(self.args, self.state, self.tokens_per_sample))
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
@@ -63,8 +66,7 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
         return output
 
 
-def train_and_save(trainer: Trainer, checkpoint: str | None, n_samples: int | None,
-                   tokens_per_sample: float | None) -> dict:
+def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | None) -> dict:
     """Train (resuming from ``checkpoint``), save the model, and write train_results.json."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = stop_reason(trainer)  # preempted, or a non-finite loss: the checkpoints hold the work
@@ -74,6 +76,7 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, n_samples: int | No
     metrics = dict(result.metrics)
     if n_samples is not None:
         metrics["train_samples"] = n_samples
+    tokens_per_sample = trainer.tokens_per_sample
     if tokens_per_sample and "train_samples_per_second" in metrics:
         metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * tokens_per_sample, 3)
     metrics.update(trainer.throughput.metrics(trainer.args, trainer.model, tokens_per_sample))
