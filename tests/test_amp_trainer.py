@@ -251,8 +251,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_cpu_processes_match_one_with_combined_grads(text_files, tmp_path):
-    common = [*TINY["clm"], *QUICK, *SCRIPT_AMP, "--max_steps", "3", "--train_file", text_files["train"],
+@pytest.mark.parametrize("combine", [True, False], ids=["flat-buffers", "per-tensor-grads-packed"])
+def test_two_cpu_processes_match_one(combine, text_files, tmp_path):
+    amp = SCRIPT_AMP if combine else [flag for flag in SCRIPT_AMP if flag != "--use_combine_grad"]
+    assert ("--use_combine_grad" in amp) == combine
+    common = [*TINY["clm"], *QUICK, *amp, "--max_steps", "3", "--train_file", text_files["train"],
               "--do_train", "--max_train_samples", "64", "--config_overrides",
               "n_layer=2,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"]
     env = {**os.environ, "LM_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}

@@ -52,6 +52,25 @@ def _cast_keeping_ties(state_dict: dict, dtype: torch.dtype) -> dict:
     return out
 
 
+@torch.no_grad()
+def all_reduce_mean(grads: list[torch.Tensor], world_size: int, pack: bool) -> None:
+    """Average ``grads`` over the processes, as DDP does.
+
+    ``pack``: per-tensor grads are copied into one buffer per dtype and reduced with one call,
+    as DDP's buckets are; combine_grad's flat buffers are reduced as they are.
+    """
+    groups: dict = {}
+    for grad in grads:
+        groups.setdefault(grad.dtype if pack else id(grad), []).append(grad)
+    for group in groups.values():
+        flat = group[0] if len(group) == 1 else torch.cat([grad.reshape(-1) for grad in group])
+        flat.div_(world_size)  # dividing first keeps scaled fp16 sums finite
+        dist.all_reduce(flat)
+        if len(group) > 1:
+            pieces = flat.split([grad.numel() for grad in group])
+            torch._foreach_copy_(group, [piece.view_as(grad) for piece, grad in zip(pieces, group)])
+
+
 class MixedPrecisionMixin:
     """The Trainer's mixed-precision hooks (see the module doc)."""
 
@@ -106,11 +125,8 @@ class MixedPrecisionMixin:
             return  # apex runs under accelerate's DDP wrapper, which reduces the grads
         self._unscaled_backward(self.amp_optimizer.scale_loss(loss), **kwargs)
         if last_micro_batch and self.args.world_size > 1:
-            world_size = self.args.world_size
-            for grad in self.amp_optimizer.grad_buffers():
-                # Mean as DDP takes it; dividing first keeps scaled fp16 sums from overflowing.
-                grad.div_(world_size)
-                dist.all_reduce(grad)
+            all_reduce_mean(self.amp_optimizer.grad_buffers(), self.args.world_size,
+                            pack=not self.amp_config.combine_grad)
 
     def _decay_groups(self, model: torch.nn.Module) -> list[dict]:
         """The Trainer's two parameter groups (as in create_optimizer): decayed, and biases and norms."""
