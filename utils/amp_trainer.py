@@ -6,22 +6,30 @@ it works through the Trainer's hooks: the model is cast once at construction,
 ``autocast_smart_context_manager``, the loss is scaled in ``accelerator.backward``, clipping goes
 through ``_clip_grad_norm``, ``log`` adds the loss scale, and ``_save`` writes normal weights.
 accelerate's own mixed precision is off (``LMTrainingArguments``). Without them the Trainer runs
-as it is.
+as it is. Both backends follow ``utils.amp.AmpOptimizer``, so no hook asks which one it has.
 """
 
 import logging
 import math
+import os
 from itertools import chain
 
 import torch
 import torch.distributed as dist
 from accelerate.optimizer import AcceleratedOptimizer
+from transformers import TrainerCallback
 
-from .amp import (ApexAmpOptimizer, MixedPrecisionOptimizer, amp_config_from_args, autocast_context, choose_backend,
-                  fp32_state_dict, prepare_model)
-from .errors import UsageError
+from .amp import AmpOptimizer, MixedPrecisionOptimizer, autocast_context, fp32_state_dict, prepare_model, \
+    sync_masters_on_load
+from .amp_config import amp_config_from_args
+from .apex_bridge import choose_backend, initialize_apex
+from .combine_grad import is_elementwise
+from .errors import TrainingStopped, UsageError
+from .loss_scaler import FLOOR_PATIENCE
 
 logger = logging.getLogger(__name__)
+
+EXIT_OVERFLOW_AT_FLOOR = 3  # the exit status of a non-finite loss, which this is in effect
 
 
 class _AmpAcceleratedOptimizer(AcceleratedOptimizer):
@@ -39,6 +47,41 @@ class _AmpAcceleratedOptimizer(AcceleratedOptimizer):
     @property
     def step_was_skipped(self) -> bool:
         return self.optimizer.step_was_skipped
+
+    def drop_update(self) -> None:
+        """The non-finite-loss guard's way in: the grad storage stays as the optimizer keeps it."""
+        self.optimizer.drop_update()
+
+
+class ScaleFloorCallback(TrainerCallback):
+    """Stops training when fp16 gradients keep overflowing at ``--min_loss_scale`` (nothing more is saved)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        optimizer = self.trainer.amp_optimizer
+        if optimizer is None or not optimizer.overflow_stuck:
+            return
+        self.stopped_at = state.global_step
+        control.should_training_stop = True
+        control.should_save = control.should_evaluate = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            control.should_save = control.should_evaluate = False
+
+    def error(self, output_dir: str) -> TrainingStopped:
+        from .checkpoints import newest_complete_checkpoint
+
+        last = newest_complete_checkpoint(output_dir, quiet=True) if os.path.isdir(output_dir) else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        scale = self.trainer.amp_config.min_loss_scale
+        return TrainingStopped(
+            f"error: fp16 gradients overflowed at the minimum loss scale {scale:g} for {FLOOR_PATIENCE} steps in a "
+            f"row, up to step {self.stopped_at}: training stopped without saving those steps; {kept}. Try --bf16, "
+            "a lower --learning_rate or --max_grad_norm 1.0", EXIT_OVERFLOW_AT_FLOOR)
 
 
 def _cast_keeping_ties(state_dict: dict, dtype: torch.dtype) -> dict:
@@ -77,8 +120,9 @@ class MixedPrecisionMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.amp_config = amp_config_from_args(self.args)  # None: plain fp32, the Trainer as it is
-        self.amp_optimizer: MixedPrecisionOptimizer | ApexAmpOptimizer | None = None  # built by create_optimizer
-        self._grad_guard = None
+        self.amp_optimizer: AmpOptimizer | None = None  # built by create_optimizer
+        self._model_hooks: list = []
+        self._reduce_grads = False  # True: we all-reduce the grads ourselves (native backend under DDP)
         if self.amp_config is not None:
             self._setup_amp()
 
@@ -96,6 +140,8 @@ class MixedPrecisionMixin:
         # scaling inside backward keeps the logged loss unscaled.
         self._unscaled_backward = self.accelerator.backward
         self.accelerator.backward = self._amp_backward
+        self.scale_floor = ScaleFloorCallback(self)
+        self.add_callback(self.scale_floor)
         if self.amp_backend == "apex":
             return  # amp.initialize casts the model together with the optimizer (create_optimizer)
         # Once, here: the Trainer has put the model on its device, and builds the optimizer later.
@@ -115,16 +161,13 @@ class MixedPrecisionMixin:
                 dist.broadcast(tensor.data, src=0)  # what DDP's constructor does: rank 0's weights everywhere
         # accelerate never wraps a model it has prepared already, so the Trainer's prepare() skips DDP.
         self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        self._reduce_grads = True
 
     def _amp_backward(self, loss: torch.Tensor, **kwargs) -> None:
-        """``accelerator.backward`` with the fp16 loss scale; then the DDP all-reduce on the last micro-batch."""
+        """``accelerator.backward`` with the fp16 loss scale; then our DDP all-reduce on the last micro-batch."""
         last_micro_batch = self.accelerator.sync_gradients
-        if isinstance(self.amp_optimizer, ApexAmpOptimizer):
-            with self.amp_optimizer.scaled_loss(loss, last_micro_batch) as scaled:
-                self._unscaled_backward(scaled, **kwargs)
-            return  # apex runs under accelerate's DDP wrapper, which reduces the grads
-        self._unscaled_backward(self.amp_optimizer.scale_loss(loss), **kwargs)
-        if last_micro_batch and self.args.world_size > 1:
+        self.amp_optimizer.backward(loss, lambda scaled: self._unscaled_backward(scaled, **kwargs), last_micro_batch)
+        if last_micro_batch and self._reduce_grads:
             all_reduce_mean(self.amp_optimizer.grad_buffers(), self.args.world_size,
                             pack=not self.amp_config.combine_grad)
 
@@ -135,42 +178,39 @@ class MixedPrecisionMixin:
         return [{"params": [p for name, p in named if name in decay], "weight_decay": self.args.weight_decay},
                 {"params": [p for name, p in named if name not in decay], "weight_decay": 0.0}]
 
+    def _check_optimizer(self, optimizer_cls, kwargs: dict) -> None:
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or (
+                {"params", "model", "optimizer_dict"} & kwargs.keys()):
+            raise UsageError(f"--optim {self.args.optim} lays out the parameters itself, which --fp16/--bf16 here "
+                             "cannot wrap: use e.g. adamw_torch or adamw_torch_fused")
+        if self.amp_config.combine_grad and not is_elementwise(optimizer_cls):
+            raise UsageError(f"--use_combine_grad: --optim {self.args.optim} updates each weight by its shape or "
+                             "norm, which one flat buffer would change; drop --use_combine_grad or use an elementwise "
+                             "optimizer (adamw_torch, adamw_torch_fused, sgd)")
+
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.amp_config is None or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         optimizer_cls, kwargs = (self.optimizer_cls_and_kwargs
                                  or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
-        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or (
-                {"params", "model", "optimizer_dict"} & kwargs.keys()):
-            raise UsageError(f"--optim {self.args.optim} lays out the parameters itself, which --fp16/--bf16 here "
-                             "cannot wrap: use e.g. adamw_torch or adamw_torch_fused")
+        self._check_optimizer(optimizer_cls, kwargs)
         groups = self._decay_groups(opt_model)
         if self.amp_backend == "apex":
-            self.amp_optimizer = self._apex_initialize(opt_model, optimizer_cls(groups, **kwargs))
+            self.amp_optimizer = initialize_apex(self._apex_amp, opt_model, groups, optimizer_cls(groups, **kwargs),
+                                                 self.amp_config)
         else:
             self.amp_optimizer = MixedPrecisionOptimizer(groups, lambda g: optimizer_cls(g, **kwargs), self.amp_config)
-            # The Trainer calls model.zero_grad() (grads to None) after each step: with combine_grad the
-            # grads must point back into the flat buffer before the next backward.
-            if self._grad_guard is not None:
-                self._grad_guard.remove()
-            self._grad_guard = self.amp_optimizer.guard_grad_views(opt_model)
+        for handle in self._model_hooks:
+            handle.remove()
+        # Weights loaded into the model (the best checkpoint at the end) must reach the masters too.
+        self._model_hooks = sync_masters_on_load(opt_model, self.amp_optimizer)
+        # The Trainer calls model.zero_grad() (grads to None) after each step: with combine_grad the
+        # grads must point back into the flat buffer before the next backward.
+        guard = self.amp_optimizer.guard_grad_views(opt_model)
+        self._model_hooks += [guard] if guard is not None else []
         self.optimizer = _AmpAcceleratedOptimizer(self.amp_optimizer)
         return self.optimizer
-
-    def _apex_initialize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ApexAmpOptimizer:
-        cfg = self.amp_config
-        options = {"opt_level": cfg.opt_level, "loss_scale": cfg.loss_scale}
-        if cfg.combine_grad:
-            options["combine_grad"] = True  # Ascend's apex; NVIDIA's has no such option
-        try:
-            model, optimizer = self._apex_amp.initialize(model, optimizer, **options)
-        except TypeError as err:
-            if cfg.combine_grad and "combine_grad" in str(err):
-                raise UsageError("--use_combine_grad: this apex has no combine_grad (Ascend's apex has); "
-                                 "drop the flag or use --amp_backend native") from None
-            raise
-        return ApexAmpOptimizer(self._apex_amp, optimizer)
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
         # Used for the training forward and in prediction_step: evaluation runs in the training precision.
@@ -188,28 +228,26 @@ class MixedPrecisionMixin:
             grad_norm = self.amp_optimizer.clip_grad_norm(math.inf)  # the norm only (no --max_grad_norm)
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
-    def _amp_logs(self) -> dict:
-        optimizer = self.amp_optimizer
-        if isinstance(optimizer, MixedPrecisionOptimizer) and optimizer.scaler.enabled:
-            return {"loss_scale": optimizer.scaler.scale, "skipped_steps": optimizer.scaler.skipped_steps}
-        if isinstance(optimizer, ApexAmpOptimizer):
-            return {"loss_scale": optimizer.loss_scale, "skipped_steps": optimizer.skipped_steps}
-        return {}
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.amp_config is not None and self.scale_floor.stopped_at is not None:
+            raise self.scale_floor.error(self.args.output_dir)
+        return result
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.amp_config is None or state_dict is not None:
             return super()._save(output_dir, state_dict)
         # fp32 weights from the masters (O2), then the dtype the model came in: from_pretrained loads them as
-        # any other checkpoint. apex keeps its masters to itself: its weights are the model's, upcast.
-        masters = self.amp_optimizer if isinstance(self.amp_optimizer, MixedPrecisionOptimizer) else None
-        state_dict = _cast_keeping_ties(fp32_state_dict(self.model, masters), self._weights_dtype)
-        super()._save(output_dir, state_dict)
+        # any other checkpoint.
+        weights = (self.amp_optimizer.weights(self.model) if self.amp_optimizer is not None
+                   else fp32_state_dict(self.model))
+        super()._save(output_dir, _cast_keeping_ties(weights, self._weights_dtype))
         if self.args.should_save:
             # save_pretrained wrote the model's own dtype (half under O2/O3) into config.json.
             self.model.config.dtype = str(self._weights_dtype).removeprefix("torch.")
             self.model.config.save_pretrained(output_dir or self.args.output_dir)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs.update(self._amp_logs())  # fp16 loss scale and overflow-skipped steps beside the loss
+        if "loss" in logs and self.amp_optimizer is not None:
+            logs.update(self.amp_optimizer.logs())  # fp16 loss scale and overflow-skipped steps beside the loss
         super().log(logs, start_time)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .amp import OPT_LEVELS as AMP_OPT_LEVELS
-from .amp import check_amp_flags
+from .amp_config import OPT_LEVELS as AMP_OPT_LEVELS
+from .amp_config import parse_loss_scale
 from .cli import setup_logging
 from .device import finish_device_setup, run_on_all_devices, setup_device
 from .errors import UsageError
@@ -153,7 +153,8 @@ class LMTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Mixed-precision level with --fp16 or --bf16 (default O1), as apex's: O0 fp32; O1 fp32 "
                           "weights, forward under autocast; O2 half weights except norms, fp32 master weights in the "
-                          "optimizer; O3 everything half.",
+                          "optimizer; O3 everything half, optimizer state too (a speed baseline; fp16 O3 needs "
+                          "--adam_epsilon 1e-4 or more).",
                   "choices": list(AMP_OPT_LEVELS)},
     )
     loss_scale: str = field(
@@ -164,6 +165,11 @@ class LMTrainingArguments(TrainingArguments):
     loss_scale_window: int = field(
         default=2000,
         metadata={"help": "With --loss_scale dynamic: clean steps after which the loss scale doubles."},
+    )
+    min_loss_scale: float = field(
+        default=1.0,
+        metadata={"help": "With --loss_scale dynamic: the scale never drops below this; when fp16 gradients keep "
+                          "overflowing at it, training stops with exit status 3 instead of skipping every step."},
     )
     use_combine_grad: bool = field(
         default=False,
@@ -186,6 +192,39 @@ class LMTrainingArguments(TrainingArguments):
             # The suite's AMP (utils.amp, or apex) does the mixed precision: accelerate's own autocast
             # and GradScaler on top would autocast O2 weights and scale the loss a second time.
             self.mixed_precision = "no"
+
+
+# fp16 O3 keeps Adam's second moments in fp16, where squares of gradients below ~2.4e-4 are 0: the update is
+# then the first moment over eps, which a smaller eps than this blows up (NaN within steps at the default 1e-8).
+O3_FP16_MIN_ADAM_EPSILON = 1e-4
+
+
+def check_amp_flags(args) -> None:
+    """Refuse bad mixed-precision flags with one line naming the flag (``UsageError``)."""
+    half = args.fp16 or args.bf16
+    if args.fp16 and args.bf16:
+        raise UsageError("--fp16 and --bf16 exclude each other: choose one")
+    if args.fp16_opt_level is not None and args.fp16_opt_level not in AMP_OPT_LEVELS:
+        raise UsageError(f"--fp16_opt_level {args.fp16_opt_level}: choose one of {', '.join(AMP_OPT_LEVELS)}")
+    if args.fp16_opt_level not in (None, "O0") and not half:
+        raise UsageError(f"--fp16_opt_level {args.fp16_opt_level} needs --fp16 or --bf16")
+    if args.use_combine_grad and not half:
+        raise UsageError("--use_combine_grad needs --fp16 or --bf16 (it is part of the mixed-precision setup)")
+    try:
+        parse_loss_scale(args.loss_scale)
+    except ValueError as err:
+        raise UsageError(f"--loss_scale: {err}") from None
+    if args.loss_scale_window < 1:
+        raise UsageError(f"--loss_scale_window {args.loss_scale_window}: must be 1 or more")
+    if not (0 < args.min_loss_scale < float("inf")):
+        raise UsageError(f"--min_loss_scale {args.min_loss_scale}: give a positive number (default 1)")
+    if args.amp_backend not in ("auto", "native", "apex"):
+        raise UsageError(f"--amp_backend {args.amp_backend}: choose auto, native or apex")
+    adam = "adam" in str(getattr(args.optim, "value", args.optim)).lower()
+    if args.fp16 and args.fp16_opt_level == "O3" and adam and args.adam_epsilon < O3_FP16_MIN_ADAM_EPSILON:
+        raise UsageError(f"--fp16_opt_level O3 with --fp16 keeps Adam's state in fp16, where --adam_epsilon "
+                         f"{args.adam_epsilon:g} makes the updates blow up: pass --adam_epsilon "
+                         f"{O3_FP16_MIN_ADAM_EPSILON:g} or more, or train with O2 (or --bf16)")
 
 
 class _Parser(HfArgumentParser):

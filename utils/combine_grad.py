@@ -29,7 +29,10 @@ Rules for callers:
   ``MixedPrecisionOptimizer.guard_grad_views(model)`` runs before each forward, so the
   HF Trainer's ``model.zero_grad()`` after every step costs two buffer fills. Grads
   replaced later are copied back at ``gather``, with a warning.
-* single device: all parameters must live on one device.
+* single device: all parameters must live on one device;
+* elementwise optimizers only (``is_elementwise``): the optimizer sees one 1-D tensor per
+  group, so an optimizer that looks at a tensor's shape or norm (Adafactor's factored
+  moments, LAMB's trust ratio) would silently compute something else.
 """
 
 from __future__ import annotations
@@ -47,6 +50,19 @@ logger = logging.getLogger(__name__)
 ALIGNMENT = 64
 
 MasterDtypeRule = Callable[[torch.Tensor], torch.dtype]
+
+
+# Optimizers whose update of an element depends on that element alone (and on scalars).
+ELEMENTWISE_OPTIMIZERS = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.Adamax,
+    torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adadelta, torch.optim.Rprop,
+    torch.optim.ASGD,
+)
+
+
+def is_elementwise(optimizer_cls: type) -> bool:
+    """Whether ``optimizer_cls`` gives the same result on flat buffers as on the separate tensors."""
+    return isinstance(optimizer_cls, type) and issubclass(optimizer_cls, ELEMENTWISE_OPTIMIZERS)
 
 
 def aligned_numel(numel: int, alignment: int = ALIGNMENT) -> int:
@@ -125,6 +141,8 @@ class FlatStore:
     ``master_dtype_of(p)`` gives the dtype of ``p``'s master copy; ``p`` is shadowed (gets
     a separate master) when that differs from ``p.dtype``.
     """
+
+    grads_are_views = True  # every .grad is a view into a flat buffer (see restore_grad_views)
 
     def __init__(self, groups: list[dict], master_dtype_of: MasterDtypeRule) -> None:
         self.model_params = [p for group in groups for p in group["params"]]

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .amp_config import amp_config_from_args
 from .errors import TrainingStopped
 
 logger = logging.getLogger(__name__)
@@ -114,13 +115,16 @@ class PreemptionCallback(TrainerCallback):
 
 
 def scaler_skips_overflows(args) -> bool:
-    """fp16 with dynamic loss scaling skips inf/NaN steps itself (transformers' or utils.amp's scaler)."""
-    loss_scale = getattr(args, "loss_scale", None)  # the mixed-precision flag, when present
-    return bool(args.fp16) and (loss_scale is None or str(loss_scale).lower() == "dynamic")
+    """fp16 with dynamic loss scaling skips inf/NaN steps itself; the precision config says when (not at O0)."""
+    config = amp_config_from_args(args)
+    return config is not None and config.skips_overflowing_steps
 
 
 def drop_update(model, optimizer) -> None:
     """Make the coming optimizer step a no-op: torch optimizers leave params without a grad alone."""
+    if hasattr(optimizer, "drop_update"):  # mixed precision: its grads are flat or shared buffers, kept in place
+        optimizer.drop_update()
+        return
     params = list(model.parameters()) if model is not None else []
     if optimizer is not None:
         # The optimizer may step other tensors than the model's (fp32 masters under mixed precision).

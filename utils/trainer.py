@@ -7,6 +7,7 @@ from transformers import Trainer
 from .amp_trainer import MixedPrecisionMixin
 from .checkpoints import save_checkpoint_atomically, save_model_atomically
 from .metrics import TokenAccuracy, perplexity
+from .modeling import weigh_loss_by_num_items
 from .reliability import reliability_callbacks, stop_reason
 from .reporting import ReportCallback, write_model_card
 from .throughput import ThroughputCallback
@@ -34,6 +35,8 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
         super().__init__(*args, compute_metrics=accuracy, preprocess_logits_for_metrics=accuracy.preprocess_logits,
                          **kwargs)
         self.accuracy = accuracy
+        if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
+            weigh_loss_by_num_items(self.model)
         # Mean tokens in a training sample (the block size when packed): tokens/s and MFU derive from it.
         self.tokens_per_sample = tokens_per_sample
         self.report = ReportCallback()  # setup block, run_info.json, tokens/s in the training logs
