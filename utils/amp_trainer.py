@@ -179,12 +179,13 @@ class MixedPrecisionMixin:
                 {"params": [p for name, p in named if name not in decay], "weight_decay": 0.0}]
 
     def _check_optimizer(self, optimizer_cls, kwargs: dict) -> None:
+        optim = getattr(self.args.optim, "value", self.args.optim)  # the flag's spelling, not the enum's
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or (
                 {"params", "model", "optimizer_dict"} & kwargs.keys()):
-            raise UsageError(f"--optim {self.args.optim} lays out the parameters itself, which --fp16/--bf16 here "
+            raise UsageError(f"--optim {optim} lays out the parameters itself, which --fp16/--bf16 here "
                              "cannot wrap: use e.g. adamw_torch or adamw_torch_fused")
         if self.amp_config.combine_grad and not is_elementwise(optimizer_cls):
-            raise UsageError(f"--use_combine_grad: --optim {self.args.optim} updates each weight by its shape or "
+            raise UsageError(f"--use_combine_grad: --optim {optim} updates each weight by its shape or "
                              "norm, which one flat buffer would change; drop --use_combine_grad or use an elementwise "
                              "optimizer (adamw_torch, adamw_torch_fused, sgd)")
 

@@ -189,7 +189,7 @@ def _npu_utils() -> Any | None:
 
 def overflow_check_for(device: torch.device) -> OverflowCheck:
     """The flag-register check on NPUs without inf/NaN support, the inf/NaN kernel everywhere else."""
-    if device.type == "npu":
+    if getattr(device, "type", device) == "npu":
         utils = _npu_utils()
         supports_inf_nan = getattr(utils, "is_support_inf_nan", None)
         # torch_npu releases from before inf/NaN mode lack the query: those NPUs saturate.
