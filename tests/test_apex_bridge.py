@@ -24,6 +24,8 @@ FAKE_AMP = '''
 import contextlib
 import types
 
+import torch
+
 calls = []
 _amp_state = types.SimpleNamespace(loss_scalers=[])
 
@@ -49,6 +51,15 @@ def initialize(model, optimizer, opt_level, loss_scale, **options):
                 param.grad = None
 
     optimizer.zero_grad = zero_grad
+    if opt_level in ("O2", "O3"):  # apex casts every floating argument to half (the model stays fp32 here)
+        forward = model.forward
+
+        def half_inputs(*args, **kwargs):
+            cast = {key: value.half() if torch.is_tensor(value) and value.is_floating_point() else value
+                    for key, value in kwargs.items()}
+            return forward(*args, **cast)
+
+        model.forward = half_inputs
     return model, optimizer
 
 
@@ -185,3 +196,14 @@ def test_apex_and_native_optimizers_offer_the_same_interface():
     for cls in (MixedPrecisionOptimizer, ApexAmpOptimizer):
         missing = [name for name in members if name != "step_was_skipped" and not hasattr(cls, name)]
         assert not missing, (cls.__name__, missing)
+
+
+def test_a_token_count_past_fp16s_range_reaches_the_model_whole(fake_apex, tmp_path):
+    trainer = make_trainer(tmp_path, fp16=True, fp16_opt_level="O2", max_steps=1)
+    trainer.train()
+    batch = {"input_ids": torch.arange(32)[None] % 128, "labels": torch.arange(32)[None] % 128}
+    count = torch.tensor(8 * 8 * 2 * 1023) / 1  # the Trainer's float count of a big accumulated batch
+    with torch.no_grad():
+        loss = trainer.model(**batch, num_items_in_batch=count).loss
+        summed = trainer.model(**batch).loss * 31  # the mean over the 31 targets, summed
+    assert loss.item() == pytest.approx(summed.item() / count.item(), rel=1e-6)

@@ -7,6 +7,7 @@
 * ``utils.amp_model``: ``prepare_model`` (casting per O-level) and ``autocast_context``;
 * ``utils.loss_scaler``: ``LossScaler`` and the per-device overflow checks;
 * ``utils.master_store`` / ``utils.combine_grad``: where masters and grads live;
+* ``utils.amp_weights``: the fp32 weights to save, and the masters after a load;
 * ``utils.apex_bridge``: apex's amp behind the same ``AmpOptimizer`` interface.
 
 Training-loop usage (what the Trainer integration does)::
@@ -50,6 +51,7 @@ import torch
 
 from .amp_config import OPT_LEVELS, AmpConfig, parse_loss_scale  # noqa: F401  (re-exported)
 from .amp_model import autocast_context, is_norm_module, prepare_model  # noqa: F401  (re-exported)
+from .amp_weights import fp32_state_dict, sync_masters_on_load  # noqa: F401  (re-exported)
 from .combine_grad import FlatStore, MasterDtypeRule
 from .loss_scaler import LossScaler, OverflowCheck, overflow_check_for
 from .master_store import MasterStore, PerTensorStore
@@ -303,46 +305,3 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._store.load_state_dict(state_dict["masters"])
         self.scaler.load_state_dict(state_dict["scaler"])
         self._found_inf = None
-
-
-def sync_masters_on_load(model: torch.nn.Module, optimizer: AmpOptimizer) -> list[Any]:
-    """After every ``model.load_state_dict`` (the Trainer's best-model load, a user's), resync the masters.
-
-    Otherwise the masters keep the last weights and the next save or step silently undoes the load.
-    Returns the two hook handles.
-    """
-    loaded: dict[str, torch.Tensor] = {}
-
-    def remember(module, state_dict, prefix, *args) -> None:
-        loaded.update({key.removeprefix(prefix): value for key, value in state_dict.items()})
-
-    def resync(module, incompatible_keys) -> None:
-        optimizer.sync_masters(model, loaded)
-        loaded.clear()
-
-    return [model.register_load_state_dict_pre_hook(remember), model.register_load_state_dict_post_hook(resync)]
-
-
-@torch.no_grad()
-def fp32_state_dict(model: torch.nn.Module, optimizer: AmpOptimizer | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict in fp32, weights taken from the masters when there are any.
-
-    Every tensor is a fresh copy (nothing aliases the flat buffers); tied weights stay
-    one shared tensor so ``save_pretrained`` still recognises them.
-    """
-    managed = {id(p) for p in optimizer.model_params} if optimizer is not None else set()
-    params = dict(model.named_parameters(remove_duplicate=False))
-    copies: dict[int, torch.Tensor] = {}
-    result = {}
-    for name, tensor in model.state_dict().items():
-        param = params.get(name)
-        key = id(param) if param is not None else None
-        if key is not None and key in copies:
-            result[name] = copies[key]
-            continue
-        source = optimizer.master_of(param) if key in managed else tensor
-        dtype = torch.float32 if source.is_floating_point() else source.dtype
-        result[name] = source.detach().to(dtype=dtype, copy=True)
-        if key is not None:
-            copies[key] = result[name]
-    return result

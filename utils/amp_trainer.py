@@ -19,9 +19,9 @@ import torch.distributed as dist
 from accelerate.optimizer import AcceleratedOptimizer
 from transformers import TrainerCallback
 
-from .amp import AmpOptimizer, MixedPrecisionOptimizer, autocast_context, fp32_state_dict, prepare_model, \
-    sync_masters_on_load
+from .amp import AmpOptimizer, MixedPrecisionOptimizer, autocast_context, prepare_model
 from .amp_config import amp_config_from_args
+from .amp_weights import fp32_state_dict, sync_masters_on_load
 from .apex_bridge import choose_backend, initialize_apex
 from .combine_grad import is_elementwise
 from .errors import TrainingStopped, UsageError

@@ -4,6 +4,8 @@ Used for fp16 when an apex release with ``amp`` is installed (NVIDIA's older rel
 Ascend's fork, the only one with ``combine_grad``). Where apex's behaviour needs care:
 
 * apex replaces ``optimizer.zero_grad`` by one without arguments: it is called without any;
+* apex casts all floating model arguments to half at O2/O3: the Trainer's token count
+  ``num_items_in_batch`` reaches the model as an integer tensor, which apex leaves alone;
 * ``amp.initialize`` has no growth-window option: ``--loss_scale_window`` is set on apex's
   scalers afterwards; ``--min_loss_scale`` is passed as apex's ``min_loss_scale``;
 * Ascend's apex supports ``combine_grad`` at O1 and O2 only (it warns at O3): it is passed
@@ -24,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .amp import fp32_state_dict
 from .amp_config import AmpConfig
+from .amp_weights import fp32_state_dict
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -78,9 +80,19 @@ def _initialize_options(cfg: AmpConfig) -> dict[str, Any]:
     return options
 
 
+def _count_as_integer(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    # apex casts every floating argument of the model to half at O2/O3, the Trainer's float
+    # num_items_in_batch too (inf from 65,520 on in fp16); a whole count as int64 passes untouched.
+    count = kwargs.get("num_items_in_batch")
+    if isinstance(count, torch.Tensor) and count.is_floating_point() and bool((count == count.round()).all()):
+        return args, {**kwargs, "num_items_in_batch": count.to(torch.int64)}
+    return None
+
+
 def initialize_apex(amp: Any, model: torch.nn.Module, groups: list[dict], optimizer: torch.optim.Optimizer,
                     cfg: AmpConfig) -> ApexAmpOptimizer:
     """``amp.initialize`` with the run's settings, wrapped as an ``AmpOptimizer``."""
+    model.register_forward_pre_hook(_count_as_integer, with_kwargs=True)  # runs before apex's patched forward
     try:
         model, optimizer = amp.initialize(model, optimizer, **_initialize_options(cfg))
     except TypeError as err:
