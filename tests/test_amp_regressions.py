@@ -202,4 +202,4 @@ def test_fp16_o3_trains_with_the_smallest_epsilon_it_accepts(tmp_path):
     trainer.train()
     losses = logged(trainer, "loss")
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
-    assert losses == pytest.approx(logged(reference, "loss"), rel=2e-2)
+    assert losses == pytest.approx(logged(reference, "loss"), rel=1e-2)  # measured 2.1e-3; eps 1e-8: 7.5e-2

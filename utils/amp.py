@@ -49,14 +49,19 @@ from typing import Any, Protocol
 
 import torch
 
-from .amp_config import OPT_LEVELS, AmpConfig, parse_loss_scale  # noqa: F401  (re-exported)
-from .amp_model import autocast_context, is_norm_module, prepare_model  # noqa: F401  (re-exported)
-from .amp_weights import fp32_state_dict, sync_masters_on_load  # noqa: F401  (re-exported)
+from .amp_config import OPT_LEVELS, AmpConfig, parse_loss_scale
+from .amp_model import autocast_context, is_norm_module, prepare_model
+from .amp_weights import fp32_state_dict, sync_masters_on_load
 from .combine_grad import FlatStore, MasterDtypeRule
 from .loss_scaler import LossScaler, OverflowCheck, overflow_check_for
 from .master_store import MasterStore, PerTensorStore
 
 logger = logging.getLogger(__name__)
+
+__all__ = [  # the optimizer, and the other concerns' names that callers take from here
+    "AmpConfig", "AmpOptimizer", "LossScaler", "MixedPrecisionOptimizer", "OPT_LEVELS", "autocast_context",
+    "fp32_state_dict", "is_norm_module", "parse_loss_scale", "prepare_model", "sync_masters_on_load",
+]
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 

@@ -195,7 +195,8 @@ class LMTrainingArguments(TrainingArguments):
 
 
 # fp16 O3 keeps Adam's second moments in fp16, where squares of gradients below ~2.4e-4 are 0: the update is
-# then the first moment over eps, which a smaller eps than this blows up (NaN within steps at the default 1e-8).
+# then the first moment over eps, which a smaller eps than this blows up (with the default 1e-8 a tiny GPT-2's
+# loss rises from step 3 while fp32's falls; with 1e-4 it stays within 0.3% of fp32's).
 O3_FP16_MIN_ADAM_EPSILON = 1e-4
 
 
