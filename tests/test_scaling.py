@@ -30,9 +30,10 @@ from utils.scaling import check_scaling_flags
 NO_DROPOUT = ["--config_overrides", "n_layer=2,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,"
               "attn_pdrop=0"]
 STEPS = 6
-TRAIN = [*TINY["clm"], *NO_DROPOUT, "--do_train", "--per_device_train_batch_size", "4", "--max_steps", str(STEPS),
-         "--logging_steps", "1", "--save_steps", "100000", "--report_to", "none", "--disable_tqdm", "true",
-         "--seed", "7", "--train_sampling_strategy", "sequential"]
+TRAIN = [*TINY["clm"], *NO_DROPOUT, "--do_train", "--per_device_train_batch_size", "2",
+         "--gradient_accumulation_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1",
+         "--save_steps", "100000", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7",
+         "--train_sampling_strategy", "sequential"]
 
 
 def free_port() -> int:
@@ -88,9 +89,10 @@ def runs(tmp_path_factory, shared, offline_hub):
     return Runs(tmp_path_factory.mktemp("runs"), shared)
 
 
-def assert_sharded_in_two(out: Path) -> None:
+def assert_sharded_in_two(out: Path, mixed_precision: str = "no") -> None:
     report = read_json(out / "sharding.json")
     assert report["world_size"] == 2 and len(report["per_rank"]) == 2
+    assert report["mixed_precision"] == mixed_precision
     for kind in ("parameters", "gradients", "optimizer_state"):
         held = [rank[kind]["held"] for rank in report["per_rank"]]
         full = report["per_rank"][0][kind]["full"]
@@ -126,7 +128,7 @@ def test_fsdp_with_its_own_bf16_policy_shards_and_stays_close_to_fp32(runs):
     process, bf16 = runs("fsdp_bf16", "--fsdp", "full_shard auto_wrap", env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert "is read as --fsdp --fsdp_config" in process.stderr
     assert "Passing `fsdp` as a string" not in process.stdout + process.stderr
-    assert_sharded_in_two(bf16)
+    assert_sharded_in_two(bf16, "bf16")
     assert "FSDP mixed precision (ACCELERATE_MIXED_PRECISION=bf16)" in process.stdout
     half, full = losses(bf16), losses(ddp)
     assert half != full  # bf16 really computed: its losses are rounded to bf16
@@ -256,6 +258,7 @@ REFUSED = {
     "fsdp_accelerate_fp16": (["--fsdp"], {"ACCELERATE_MIXED_PRECISION": "fp16"},
                              ("ACCELERATE_MIXED_PRECISION=fp16", "bf16")),
     "deepspeed_on_cpu": (["--deepspeed", "ds.json"], {}, ("--deepspeed on the CPU", "--fsdp")),
+    "fsdp_in_one_process": (["--fsdp"], {}, ("--fsdp shards the model over several processes", "torchrun")),
 }
 
 
@@ -313,6 +316,7 @@ def fsdp_args(**flags) -> SimpleNamespace:
 ])
 def test_fsdp_settings_that_would_not_shard_are_refused(flags, fragments, monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError) as refused:
         check_scaling_flags(fsdp_args(**flags))
     for fragment in fragments:
@@ -321,6 +325,7 @@ def test_fsdp_settings_that_would_not_shard_are_refused(flags, fragments, monkey
 
 def test_fsdp_string_form_becomes_fsdp_config(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     args = fsdp_args(fsdp="full_shard auto_wrap offload", fsdp_config='{"fsdp_transformer_layer_cls_to_wrap": "X"}')
     check_scaling_flags(args)
     assert args.fsdp is True
@@ -329,3 +334,27 @@ def test_fsdp_string_form_becomes_fsdp_config(monkeypatch):
     off = fsdp_args(fsdp="false")
     check_scaling_flags(off)
     assert off.fsdp is None
+
+
+@pytest.mark.parametrize("model_class, config, refused", [
+    ("GPT2LMHeadModel", {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}, None),
+    ("XLNetLMHeadModel", {"model_type": "xlnet", "n_layer": 1, "d_model": 32, "n_head": 2, "d_head": 16,
+                          "d_inner": 64}, None),
+    ("RobertaForMaskedLM", {"model_type": "roberta", "num_hidden_layers": 1, "hidden_size": 32,
+                            "num_attention_heads": 2, "intermediate_size": 64}, "lm_head.bias"),
+    ("BertForMaskedLM", {"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                         "intermediate_size": 64}, "cls.predictions.bias"),
+])
+def test_models_whose_ties_fsdp_cannot_group_are_refused(model_class, config, refused):
+    # Masked-LM heads tie the output bias to a parameter outside the output layer: FSDP2 fails on it.
+    import transformers
+
+    from utils.scaling import _check_ties_fsdp_can_shard
+
+    config = transformers.AutoConfig.for_model(**config)
+    model = getattr(transformers, model_class)(config)
+    if refused is None:
+        _check_ties_fsdp_can_shard(model)
+        return
+    with pytest.raises(UsageError, match=f"--fsdp with {model_class}: .* {refused}"):
+        _check_ties_fsdp_can_shard(model)

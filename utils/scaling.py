@@ -24,6 +24,7 @@ gradients and optimizer state each process really holds, logs it and writes
 import json
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import TrainerCallback
 
+from .device import all_devices_command, is_distributed, resolve_device
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,10 @@ def _check_fsdp(args) -> None:
     if own not in _FSDP_OWN_PRECISIONS:
         raise UsageError(f"--fsdp with ACCELERATE_MIXED_PRECISION={own}: only bf16 (or no) is supported with FSDP "
                          "here; set ACCELERATE_MIXED_PRECISION=bf16 or unset it")
+    if not is_distributed() and all_devices_command("cpu" if args.use_cpu else resolve_device()) is None:
+        script = os.path.basename(sys.argv[0])
+        raise UsageError(f"--fsdp shards the model over several processes, and this run is one: start it with "
+                         f"torchrun --nproc_per_node N {script} ..., or NPROC_PER_NODE=N with a launcher")
 
 
 def _read_fsdp_config(value) -> dict:
@@ -180,7 +186,8 @@ def measure(model, optimizer) -> dict:
 class ShardingReport(TrainerCallback):
     """At the first optimizer step, what each process holds; logged, and written to sharding.json."""
 
-    def __init__(self):
+    def __init__(self, mixed_precision: str = "no"):
+        self.mixed_precision = mixed_precision  # FSDP's own policy, which run_info.json does not know
         self.per_rank: list[dict] | None = None
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -206,33 +213,55 @@ class ShardingReport(TrainerCallback):
         if self.per_rank is None or not state.is_world_process_zero or state.global_step < state.max_steps:
             return
         with open(os.path.join(args.output_dir, SHARDING_FILE), "w", encoding="utf-8") as f:
-            json.dump({"world_size": args.world_size, "step": "first optimizer step", "per_rank": self.per_rank},
-                      f, indent=2)
+            json.dump({"world_size": args.world_size, "mixed_precision": self.mixed_precision,
+                       "measured_at": "first optimizer step", "per_rank": self.per_rank}, f, indent=2)
             f.write("\n")
 
 
 def setup_sharding(trainer) -> None:
-    """After the Trainer is built: FSDP on CPU processes too, and the ShardingReport of a sharded run.
+    """After the Trainer is built: FSDP on CPU processes too, and the ShardingReport of an FSDP run.
 
     accelerate turns FSDP on for GPUs and NPUs only; on CPU processes it silently falls back to
     DDP, with every process holding the whole model. FSDP2 itself runs on the CPU over gloo, so
     the FSDP plugin the Trainer built is put in place here, as accelerate does on a GPU.
     """
     args = trainer.args
-    if not (args.fsdp or args.deepspeed):
+    if not args.fsdp:
         return
     state = trainer.accelerator.state
-    if args.fsdp and state.distributed_type == DistributedType.MULTI_CPU:
+    if state.distributed_type == DistributedType.MULTI_CPU:
         plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
         if state.mixed_precision != "no":
             plugin.set_mixed_precision(state.mixed_precision)  # FSDP's own policy (ACCELERATE_MIXED_PRECISION)
         state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
         PartialState().distributed_type = DistributedType.FSDP  # as accelerate records it, or it reverts
         trainer.is_fsdp_enabled = True
-    if args.fsdp and not trainer.is_fsdp_enabled and args.world_size > 1:
+    if not trainer.is_fsdp_enabled and args.world_size > 1:
         raise UsageError(f"--fsdp: accelerate does not shard on this setup ({state.distributed_type}); "
                          "drop --fsdp to train with DDP")
-    if args.fsdp and state.mixed_precision != "no":
+    _check_ties_fsdp_can_shard(trainer.model)
+    if state.mixed_precision != "no":
         logger.info("FSDP mixed precision (ACCELERATE_MIXED_PRECISION=%s): %s compute and gradient reduction, "
                     "fp32 shards and optimizer state", state.mixed_precision, state.mixed_precision)
-    trainer.add_callback(ShardingReport())
+    trainer.add_callback(ShardingReport(state.mixed_precision))
+
+
+def _check_ties_fsdp_can_shard(model) -> None:
+    """Refuse a model whose output layer shares a parameter with a module other than the input embedding.
+
+    accelerate puts the input embedding, the output layer and the final norm in one FSDP group,
+    and FSDP2 cannot shard one parameter in two groups. Masked-LM heads (BERT, RoBERTa) tie the
+    output layer's bias to ``lm_head.bias`` outside it, and fail in their first forward.
+    """
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None:
+        return
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    owned = {prefix for prefix, module in model.named_modules() if module is output or module is embedding}
+    for parameter in output.parameters():
+        outside = [n for n in names[id(parameter)] if not any(n.startswith(prefix + ".") for prefix in owned)]
+        if outside:
+            raise UsageError(f"--fsdp with {type(model).__name__}: its output layer shares a parameter with "
+                             f"{outside[0]}, which FSDP2's grouping cannot shard; train it without --fsdp (DDP)")
