@@ -313,6 +313,7 @@ def fsdp_args(**flags) -> SimpleNamespace:
     ({"fsdp_config": "[1, 2]"}, ("--fsdp_config [1, 2]", "give a JSON object")),
     ({"fsdp_config": "{version: 1}"}, ("--fsdp_config {version: 1}", "not valid JSON")),
     ({"deepspeed": "ds.json"}, ("--fsdp and --deepspeed",)),
+    ({"fsdp": None, "fsdp_config": '{"version": 2}'}, ("--fsdp_config is only read with --fsdp",)),
 ])
 def test_fsdp_settings_that_would_not_shard_are_refused(flags, fragments, monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)

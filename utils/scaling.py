@@ -16,6 +16,13 @@ refused before anything runs, with what to use instead. What FSDP does take:
 (``fsdp_config`` version 1) and the strategies that do not shard or shard per node only
 (``no_shard``, ``hybrid_shard``) are refused: they are FSDP1 only and were never run here.
 
+Refused as well: ``--fsdp`` in a single process, ``--fsdp_config`` without ``--fsdp``, and
+(``setup_sharding``, once the model exists) masked-LM heads whose tied bias FSDP2 cannot group.
+accelerate turns FSDP on for GPUs and NPUs only; ``setup_sharding`` turns it on for CPU
+processes too, where it would otherwise train with DDP. ``--deepspeed`` is refused on the CPU
+(accelerate ignores it there), when DeepSpeed is not installed, and with the suite's precision
+flags (DeepSpeed's config sets its own).
+
 ``ShardingReport`` measures, at the first optimizer step, how many elements of the parameters,
 gradients and optimizer state each process really holds, logs it and writes
 ``OUTPUT_DIR/sharding.json`` at the end of training.
@@ -56,6 +63,8 @@ def check_scaling_flags(args) -> None:
     """
     if args.fsdp and args.deepspeed:
         raise UsageError("--fsdp and --deepspeed both shard the model: choose one")
+    if args.fsdp_config and not args.fsdp:
+        raise UsageError("--fsdp_config is only read with --fsdp: add --fsdp, or drop --fsdp_config")
     if args.fsdp:
         _check_fsdp(args)
     if args.deepspeed:
