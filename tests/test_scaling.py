@@ -314,6 +314,8 @@ def fsdp_args(**flags) -> SimpleNamespace:
     ({"fsdp_config": "{version: 1}"}, ("--fsdp_config {version: 1}", "not valid JSON")),
     ({"deepspeed": "ds.json"}, ("--fsdp and --deepspeed",)),
     ({"fsdp": None, "fsdp_config": '{"version": 2}'}, ("--fsdp_config is only read with --fsdp",)),
+    ({"fsdp_config": '{"state_dict_type": "SHARDED_STATE_DICT"}'}, ("state_dict_type SHARDED_STATE_DICT",
+                                                                    "no final model")),
 ])
 def test_fsdp_settings_that_would_not_shard_are_refused(flags, fragments, monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)

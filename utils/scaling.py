@@ -92,6 +92,10 @@ def _check_fsdp(args) -> None:
     if int(config.get("version", 2)) != 2:
         raise UsageError("--fsdp_config version 1: FSDP1 is deprecated in transformers and untested here; "
                          "use version 2 (the default: leave 'version' out)")
+    if str(config.get("state_dict_type", "FULL_STATE_DICT")).upper() != "FULL_STATE_DICT":
+        # The Trainer saves the final model under FULL_STATE_DICT only: with another it writes none.
+        raise UsageError(f"--fsdp_config state_dict_type {config['state_dict_type']}: the Trainer then saves no "
+                         "final model; leave it out (FULL_STATE_DICT, the default)")
     if args.fp16 or args.bf16:
         raise UsageError(
             f"--fsdp with {_precision_flags(args)}: the suite's mixed precision casts the model and all-reduces "
