@@ -27,6 +27,8 @@
 # passed on once to every process of the job step (scancel --signal=TERM); the training
 # processes finish their step, save a checkpoint and exit 143 (torchrun, the launchers and
 # tee ignore it, so that no process gets it twice: a second SIGTERM stops without saving).
+# scancel --signal=INT JOB (or Ctrl+C on srun) does the same with exit status 130. A SIGTERM
+# that comes before training has started is ignored (there is nothing to save yet).
 # Submit the same command again to resume from that checkpoint.
 set -euo pipefail
 
@@ -47,12 +49,13 @@ fi
 
 if [[ ${1-} == --node ]]; then
     # One node's task, under srun. Slurm signals every process of the step at once: only the
-    # training processes may act on SIGTERM. An ignored signal stays ignored in the children
-    # (launch.sh, tee, torchrun) unless they handle it, and torchrun is told not to.
+    # training processes may act on SIGTERM and SIGINT (they install their own handlers). An
+    # ignored signal stays ignored in the children (launch.sh, tee, torchrun), and torchrun is
+    # told not to handle these two, or it would pass on a second one.
     shift
     slurm_node_env
-    trap '' TERM
-    export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+    trap '' TERM INT
+    export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
     exec bash "$ROOT/scripts/launch.sh" "$@"
 fi
 
