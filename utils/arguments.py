@@ -16,6 +16,7 @@ from .amp_config import parse_loss_scale
 from .cli import setup_logging
 from .device import finish_device_setup, run_on_all_devices, setup_device
 from .errors import UsageError
+from .scaling import check_scaling_flags
 
 
 @dataclass
@@ -186,6 +187,7 @@ class LMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         check_amp_flags(self)  # before TrainingArguments' own checks, whose messages name no flag
+        check_scaling_flags(self)  # --fsdp/--deepspeed: refused where they would not shard (utils/scaling.py)
         super().__post_init__()
         if self.fp16 or self.bf16:
             self.fp16_opt_level = self.fp16_opt_level or "O1"

@@ -10,6 +10,7 @@ from .metrics import TokenAccuracy, perplexity
 from .modeling import weigh_loss_by_num_items
 from .reliability import reliability_callbacks, stop_reason
 from .reporting import ReportCallback, write_model_card
+from .scaling import setup_sharding
 from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
         # SIGTERM/SIGINT -> checkpoint and stop; NaN/inf loss -> stop or skip (utils/reliability.py)
         for callback in (self.report, self.throughput, *reliability_callbacks(self.args)):
             self.add_callback(callback)
+        setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds (utils/scaling.py)
 
     checkpoint_staging: str | None = None  # set while a checkpoint is being written (utils/checkpoints.py)
 
