@@ -16,7 +16,6 @@ CASES = {
                        ["case", "script", "samples/s", "tokens/s"], 2),
     "bench_amp_step.py": (["--device", "cpu", "--sizes", "tiny", "--steps", "2"],
                           ["device", "size", "level", "combine_grad", "median ms/step", "aten ops/step"], 4),
-    "bench_amp_e2e.py": (["--tiny", "--steps", "2", "--half", "bf16"], ["precision", "tokens/s after warm-up", "vs O0"], 3),
 }
 
 

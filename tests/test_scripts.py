@@ -3,6 +3,7 @@
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import QUICK, TINY, read_json, run_script
@@ -103,9 +104,14 @@ def test_streaming_without_max_steps_is_refused(text_files, tmp_path):
     assert process.returncode == 2 and "give the training length with --max_steps" in process.stderr
 
 
-def test_resume_reaches_the_same_state_as_an_uninterrupted_run(text_files, tmp_path):
-    flags = [*TINY["clm"], *QUICK, "--max_steps", "6", "--save_steps", "3", "--train_file", text_files["train"],
-             "--do_train", "--logging_steps", "1"]
+O2_COMBINE = ["--fp16", "--fp16_opt_level", "O2", "--use_combine_grad", "--max_grad_norm", "0.5", "--block_size", "32",
+              "--per_device_train_batch_size", "2", "--max_train_samples", "64"]
+
+
+@pytest.mark.parametrize("precision", [[], O2_COMBINE], ids=["fp32", "fp16-O2-combine_grad"])
+def test_resume_reaches_the_same_state_as_an_uninterrupted_run(precision, text_files, tmp_path):
+    flags = [*TINY["clm"], *QUICK, *precision, "--max_steps", "6", "--save_steps", "3", "--train_file",
+             text_files["train"], "--do_train", "--logging_steps", "1", "--train_sampling_strategy", "sequential"]
     run_script("clm", *flags, "--output_dir", tmp_path / "full")
 
     # A run that stopped after its checkpoint at step 3: the same command picks it up.
@@ -120,14 +126,19 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(text_files, tmp_p
                interrupted / "checkpoint-3")
 
     expected = load_file(tmp_path / "full" / "model.safetensors")
+    full = [{k: v for k, v in e.items() if k != "tokens_per_second"}  # timing, not state
+            for e in read_json(tmp_path / "full" / "trainer_state.json")["log_history"] if "loss" in e]
     for folder in ("interrupted", "explicit"):
         resumed = load_file(tmp_path / folder / "model.safetensors")
         assert expected.keys() == resumed.keys()
         for name, tensor in expected.items():
-            assert tensor.equal(resumed[name]), f"{folder}: {name} differs"
-        losses = [e["loss"] for e in read_json(tmp_path / folder / "trainer_state.json")["log_history"] if "loss" in e]
-        full = [e["loss"] for e in read_json(tmp_path / "full" / "trainer_state.json")["log_history"] if "loss" in e]
-        assert losses == full
+            # Saved in fp32 whatever the training precision, and bit for bit the same.
+            assert tensor.dtype == torch.float32 and tensor.equal(resumed[name]), f"{folder}: {name} differs"
+        history = [{k: v for k, v in e.items() if k != "tokens_per_second"}
+                   for e in read_json(tmp_path / folder / "trainer_state.json")["log_history"] if "loss" in e]
+        assert history == full  # losses, and under fp16 the loss scale too
+    if precision:
+        assert full[-1]["loss_scale"] == 2.0**16
 
 
 def test_block_size_beyond_the_model_is_clamped(text_files, tmp_path):
