@@ -8,21 +8,18 @@ Example:
 
 import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
 
-import logging
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM
 
 from utils.arguments import parse_args
 from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli
+from utils.cli import run_cli, start_run
 from utils.collators import CausalLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, resolve_seq_len
 from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,8 +31,8 @@ class CausalLMArguments:
 
 
 def main():
-    # Parsing also sets up logging, picks the device (NPU, CUDA, CPU) and seeds it.
     model_args, data_args, clm_args, training_args = parse_args(CausalLMArguments)
+    start_run(training_args)  # logging, one process per device (torchrun), seeds
     checkpoint = checkpoint_to_resume(training_args)
 
     raw_datasets = load_raw_datasets(model_args, data_args)

@@ -10,22 +10,19 @@ Example:
 
 import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
 
-import logging
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForMaskedLM
 
 from utils.arguments import SequenceArguments, parse_args
 from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli
+from utils.cli import run_cli, start_run
 from utils.collators import MaskedLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
 from utils.errors import UsageError
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
 from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,8 +33,8 @@ class MaskedLMArguments(SequenceArguments):
 
 
 def main():
-    # Parsing also sets up logging, picks the device (NPU, CUDA, CPU) and seeds it.
     model_args, data_args, mlm_args, training_args = parse_args(MaskedLMArguments)
+    start_run(training_args)  # logging, one process per device (torchrun), seeds
     if not 0 < mlm_args.mlm_probability < 1:
         raise UsageError(f"--mlm_probability {mlm_args.mlm_probability}: give a number between 0 and 1")
     checkpoint = checkpoint_to_resume(training_args)

@@ -8,22 +8,19 @@ Example:
 
 import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
 
-import logging
 from dataclasses import dataclass, field
 
 from transformers import XLNetLMHeadModel
 
 from utils.arguments import SequenceArguments, parse_args
 from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli
+from utils.cli import run_cli, start_run
 from utils.collators import PermutationLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
 from utils.errors import UsageError
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
 from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +38,8 @@ class PermutationLMArguments(SequenceArguments):
 
 
 def main():
-    # Parsing also sets up logging, picks the device (NPU, CUDA, CPU) and seeds it.
     model_args, data_args, plm_args, training_args = parse_args(PermutationLMArguments)
+    start_run(training_args)  # logging, one process per device (torchrun), seeds
     if plm_args.max_seq_length is not None and plm_args.max_seq_length % 2:
         raise UsageError(f"--max_seq_length {plm_args.max_seq_length}: permutation LM needs an even length, "
                          f"e.g. {plm_args.max_seq_length + 1}")

@@ -4,8 +4,7 @@
 
 Each configuration is a real run_clm.py training run (from scratch, on the bundled WikiText-2
 test text) in this one process, one after the other on the same machine; the table gives the
-tokens/s measured after the warm-up steps (``fps_tokens_per_second`` in train_results.json)
-and over the whole run (``train_tokens_per_second``, start-up included).
+tokens/s measured after the warm-up steps (``fps_tokens_per_second`` in train_results.json).
 
     python benchmarks/bench_amp_e2e.py --steps 30          # GPT-2 with 4 layers, width 256
     python benchmarks/bench_amp_e2e.py --tiny --steps 3    # 2 layers, width 64: seconds
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402,F401  (before torch: see utils/__init__.py)
-
+from common import print_table  # noqa: E402
 
 
 def configs(half: str) -> dict[str, list[str]]:
@@ -92,19 +91,16 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for i, (label, precision) in enumerate(configs(args.half).items()):
             results = train_once(run_flags(model, args.steps, root / f"run{i}") + precision)
-            rows.append((label, results.get("fps_tokens_per_second"), results["train_tokens_per_second"]))
+            rows.append((label, results["fps_tokens_per_second"]))
     import torch
 
     from utils.device import describe_device, resolve_device
 
     print(f"\nrun_clm.py, GPT-2 {model['overrides']}, block {model['block']}, batch {model['batch']}, "
           f"{args.steps} steps; {describe_device(resolve_device())}; torch {torch.__version__}\n")
-    print("| precision | tokens/s after warm-up | tokens/s whole run | vs O0 |")
-    print("|---|---|---|---|")
-    base = rows[0][1] or rows[0][2]
-    for label, warm, whole in rows:
-        speed = warm or whole
-        print(f"| {label} | {warm if warm is not None else 'n/a'} | {whole} | {speed / base:.2f}x |")
+    base = rows[0][1]
+    print_table(["precision", "tokens/s after warm-up", "vs O0"],
+                [[label, f"{speed:.1f}", f"{speed / base:.2f}x"] for label, speed in rows])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import utils  # noqa: E402,F401  (sets the torch backend autoload switch before torch loads)
 import torch  # noqa: E402
+from common import print_table  # noqa: E402
 
 from utils.amp import AmpConfig, MixedPrecisionOptimizer, prepare_model  # noqa: E402
 
@@ -149,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, fp16 dynamic loss scale, "
           f"AdamW, grads clipped to 1.0\n")
-    print("| device | size | params | level | adamw | combine_grad | median ms/step | aten ops/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for size in args.sizes.split(","):
         torch.manual_seed(0)
         base = gpt2_shaped(**SIZES[size])
@@ -162,9 +162,10 @@ def main(argv: list[str] | None = None) -> None:
                         model, optimizer = build_optimizer(base, level, combine, adamw, device)
                         ms = time_steps(optimizer, args.steps, device)
                         ops = count_aten_ops(optimizer)
-                        print(f"| {device.type} | {size} | {n_params / 1e6:.1f}M | {level} | {adamw} "
-                              f"| {combine} | {ms:.2f} | {ops} |", flush=True)
+                        rows.append([device.type, size, f"{n_params / 1e6:.1f}M", level, adamw, str(combine),
+                                     f"{ms:.2f}", str(ops)])
                         del model, optimizer
+    print_table(["device", "size", "params", "level", "adamw", "combine_grad", "median ms/step", "aten ops/step"], rows)
 
 
 if __name__ == "__main__":

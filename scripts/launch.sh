@@ -25,7 +25,7 @@
 #   PYTHON           interpreter (python)
 #
 # Output: OUTPUT_DIR/train.log holds everything the run printed (train_node<N>.log on other
-# nodes) and ends with one summary row (format: utils/summary.py), found with
+# nodes) and ends with one summary row (format: utils/results.py), found with
 #   grep '^| ' OUTPUT_DIR/train.log | tail -1
 #   | gpt2 | 8p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |
 # Bad settings (DEVICE, NPROC_PER_NODE above the visible devices, ...) stop it before torchrun
@@ -161,4 +161,4 @@ fi
 
 # Results are written by global rank 0, which runs on node 0.
 [[ $NODE_RANK == 0 ]] || exit 0
-"$PYTHON" -m utils.summary "$output_dir" --devices "$devices" -- "${flags[@]}" 2>&1 | tee -a "$log"
+"$PYTHON" -m utils.summary "$output_dir" 2>&1 | tee -a "$log"

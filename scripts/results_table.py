@@ -6,7 +6,7 @@
 | model | devices | Acc | FPS | AMP_Type | Epochs | perplexity | tokens/s | run |
 
 model, devices, Acc, FPS, AMP_Type and Epochs mean what they mean in the launchers' summary
-row (utils/summary.py); perplexity is exp(eval_loss), tokens/s is tokens per second over all
+row (utils/results.py); perplexity is exp(eval_loss), tokens/s is tokens per second over all
 devices after the warm-up steps (the Trainer's whole-run figure when there is none). Numbers
 come from all_results.json, the setup from run_info.json (written when training starts).
 A directory without all_results.json is reported on stderr and makes the exit status 2.
@@ -20,13 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402,F401  (before torch: see utils/__init__.py)
 from utils.errors import UsageError  # noqa: E402
-from utils.reporting import TABLE_COLUMNS, results_cells  # noqa: E402
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(str(row[column]) for column in TABLE_COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
+from utils.results import TABLE_COLUMNS, markdown_table, results_cells  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,7 +41,7 @@ def main(argv=None) -> int:
         else:
             rows.append(cells)
     if rows:
-        print(markdown_table(rows))
+        print(markdown_table(TABLE_COLUMNS, [[row[column] for column in TABLE_COLUMNS] for row in rows]))
     return status
 
 

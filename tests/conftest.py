@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,13 @@ def run_script(task: str, *args, check: bool = True, env: dict | None = None) ->
     if check and process.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({process.returncode}):\n{process.stderr[-4000:]}")
     return process
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's own torchrun rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_json(path) -> dict:

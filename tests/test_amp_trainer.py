@@ -9,8 +9,6 @@ moments in fp16, where a tiny eps blows the update up: apex's caveat for O3).
 
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import QUICK, ROOT, TINY, read_json, run_script
+from conftest import QUICK, ROOT, TINY, free_port, read_json, run_script
 from utils.arguments import LMTrainingArguments
 from utils.collators import CausalLMCollator
 from utils.errors import UsageError
@@ -224,33 +222,6 @@ SCRIPT_AMP = ["--fp16", "--fp16_opt_level", "O2", "--use_combine_grad", "--max_g
               "--train_sampling_strategy", "sequential"]
 
 
-def test_o2_combine_grad_resume_is_bitwise(text_files, tmp_path):
-    flags = [*TINY["clm"], *QUICK, *SCRIPT_AMP, "--max_steps", "4", "--save_steps", "2",
-             "--train_file", text_files["train"], "--do_train", "--max_train_samples", "64"]
-    run_script("clm", *flags, "--output_dir", tmp_path / "full")
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", interrupted / "checkpoint-2")
-    process = run_script("clm", *flags, "--output_dir", interrupted)
-    assert "Resuming from" in process.stdout + process.stderr
-
-    expected, resumed = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "interrupted"))
-    assert expected.keys() == resumed.keys()
-    for name, tensor in expected.items():
-        assert tensor.dtype == torch.float32 and tensor.equal(resumed[name]), name
-    history = [[{k: v for k, v in e.items() if k != "tokens_per_second"}  # timing, not state
-                for e in read_json(tmp_path / d / "trainer_state.json")["log_history"] if "loss" in e]
-               for d in ("full", "interrupted")]
-    assert history[0] == history[1] and history[0][-1]["loss_scale"] == 2.0**16
-    assert read_json(tmp_path / "full" / "config.json")["dtype"] == "float32"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("combine", [True, False], ids=["flat-buffers", "per-tensor-grads-packed"])
 def test_two_cpu_processes_match_one(combine, text_files, tmp_path):
     amp = SCRIPT_AMP if combine else [flag for flag in SCRIPT_AMP if flag != "--use_combine_grad"]
@@ -260,7 +231,7 @@ def test_two_cpu_processes_match_one(combine, text_files, tmp_path):
               "n_layer=2,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"]
     env = {**os.environ, "LM_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "run_clm.py", *map(str, common), "--output_dir", str(tmp_path / "ddp")]
+               str(free_port()), "run_clm.py", *map(str, common), "--output_dir", str(tmp_path / "ddp")]
     process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-4000:]
     # The same global batch of 4 in one process.

@@ -14,6 +14,8 @@ CASES = {
                       ["approach", "eval set", "samples", "peak RSS MB", "growth vs 1x MB", "accuracy"], 4),
     "bench_train.py": (["--size", "tiny", "--steps", "2", "--warmup", "1", "--cases", "clm,mlm"],
                        ["case", "script", "samples/s", "tokens/s"], 2),
+    "bench_amp_step.py": (["--device", "cpu", "--sizes", "tiny", "--steps", "2"],
+                          ["device", "size", "level", "combine_grad", "median ms/step", "aten ops/step"], 4),
 }
 
 

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import utils  # noqa: E402,F401  (before torch, as in the scripts)
+from conftest import free_port  # noqa: E402
 import torch  # noqa: E402
 
-from utils import device, summary  # noqa: E402
+from utils import auto_ddp, device, results  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 
 CANN_MISSING = "libhccl.so: cannot open shared object file: No such file or directory"
@@ -69,7 +69,7 @@ def assert_one_error_line(process, *needles):
 def test_npu_asked_for_without_torch_npu_is_a_one_line_usage_error(monkeypatch):
     monkeypatch.setenv("LM_DEVICE", "npu")
     with pytest.raises(UsageError) as caught:
-        device.setup_device(argv=[])
+        device.setup_device()
     message = str(caught.value)
     assert "\n" not in message
     assert "torch_npu is not installed" in message
@@ -84,7 +84,7 @@ def test_unknown_device_name_is_a_usage_error(monkeypatch):
 
 def test_use_cpu_wins_over_a_requested_accelerator(monkeypatch):
     monkeypatch.setenv("LM_DEVICE", "npu")
-    assert device.setup_device(argv=["--output_dir", "x", "--use_cpu"]) == "cpu"
+    assert device.setup_device(use_cpu=True) == "cpu"
     assert os.environ["ACCELERATE_USE_CPU"] == "true"
 
 
@@ -94,26 +94,18 @@ def test_without_accelerators_the_first_usable_device_is_cpu():
     assert device.describe_device().startswith("cpu: ")
 
 
-def test_setup_device_fills_parser_defaults_that_flags_still_override(monkeypatch):
-    from transformers import HfArgumentParser, TrainingArguments
+def test_the_device_fills_in_its_training_defaults(monkeypatch, tmp_path):
+    from utils.arguments import parse_args
 
     monkeypatch.setenv("LM_DEVICE", "cpu")
-    parser = HfArgumentParser(TrainingArguments)
-    device.setup_device(parser, argv=[])
-    assert parser.get_default("use_cpu") is True
-    assert parser.get_default("ddp_backend") is None  # a single process must not name a backend
-
+    assert device.training_defaults("cpu") == {"use_cpu": True}  # a single process must not name a backend
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    parser = HfArgumentParser(TrainingArguments)
-    assert device.setup_device(parser, argv=[]) == "cpu"
-    assert parser.get_default("ddp_backend") == "gloo"
-    namespace, _ = parser.parse_known_args(["--ddp_backend", "mpi"])
-    assert namespace.ddp_backend == "mpi"
-
-
-def test_ddp_backend_follows_the_device():
-    assert [device.ddp_backend_for(d) for d in ("npu", "cuda", "cpu")] == ["hccl", "nccl", "gloo"]
+    assert device.training_defaults("cpu")["ddp_backend"] == "gloo"
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    *_, args = parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "false"])
+    assert args.ddp_backend is None and args.use_cpu is True and args.device.type == "cpu"
 
 
 def test_nproc_above_the_visible_devices_is_refused(monkeypatch):
@@ -125,29 +117,12 @@ def test_nproc_above_the_visible_devices_is_refused(monkeypatch):
     assert "NPROC_PER_NODE=8" in str(caught.value) and "only 2 NPU" in str(caught.value)
 
 
-def test_finish_device_setup_seeds_and_checks_the_placement(monkeypatch):
+def test_a_run_placed_elsewhere_than_asked_is_refused(monkeypatch):
     args = SimpleNamespace(device=torch.device("cpu"), seed=11, process_index=0)
-    device.finish_device_setup(args, "cpu")
-    first = torch.rand(3)
-    device.finish_device_setup(args, "cpu")
-    assert torch.equal(first, torch.rand(3))
-
+    device.check_placement(args, "cpu")
     monkeypatch.setenv("LM_DEVICE", "cuda")
     with pytest.raises(UsageError, match="landed on cpu"):
-        device.finish_device_setup(args, "cuda")
-
-
-@pytest.mark.parametrize("name, flops", [
-    ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("Ascend910B2", 313e12),
-    ("cpu", None),
-    ("Some Future Accelerator", None),
-])
-def test_peak_flops_of_known_devices(name, flops):
-    assert device.peak_flops(name) == flops
+        device.check_placement(args, "cuda")
 
 
 # --------------------------------------------------------------------------- broken torch_npu
@@ -175,7 +150,7 @@ def test_broken_torch_npu_is_ignored_when_npu_is_not_asked_for(tmp_path):
     code = (
         "import utils.device as d\n"
         "from transformers import TrainingArguments\n"
-        "chosen = d.setup_device(argv=[])\n"
+        "chosen = d.setup_device()\n"
         f"args = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, report_to='none')\n"
         "print(chosen, args.device.type)\n"
     )
@@ -218,50 +193,56 @@ def test_launcher_stops_before_torchrun_when_npu_cannot_start(tmp_path):
 
 # --------------------------------------------------------------------------- summary row
 
-REFERENCE_FLAGS = ["--model_name_or_path", "gpt2", "--dataset_name", "wikitext", "--do_train", "--do_eval",
-                   "--fp16", "--fp16_opt_level", "O2", "--use_combine_grad", "--num_train_epochs", "3"]
+def finished_run(folder: Path, flags: list[str], **metrics) -> Path:
+    """A run's folder as training leaves it: run_info.json from the parsed flags, then its results."""
+    from utils.arguments import parse_args
+    from utils.reporting import write_run_info
 
-
-def write_results(folder: Path, **results) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "all_results.json").write_text(json.dumps(results))
+    *_, args = parse_args(argv=[*flags, "--output_dir", str(folder)])
+    write_run_info(args)
+    (folder / "all_results.json").write_text(json.dumps(metrics))
     return folder
 
 
 def test_summary_row_of_a_reference_run(tmp_path):
-    out = write_results(tmp_path / "out", epoch=3.0, eval_accuracy=0.421349, eval_loss=3.2,
-                        train_samples_per_second=123.4449, train_runtime=512.3)
-    process = run([sys.executable, "-m", "utils.summary", str(out), "--devices", "8p", "--", *REFERENCE_FLAGS])
+    out = finished_run(tmp_path / "out", ["--model_name_or_path", "gpt2", "--dataset_name", "wikitext", "--do_train",
+                                          "--fp16", "--fp16_opt_level", "O2", "--use_combine_grad"],
+                       epoch=3.0, eval_accuracy=0.421349, eval_loss=3.2, train_samples_per_second=123.4449)
+    process = run([sys.executable, "-m", "utils.summary", str(out)])
     assert process.returncode == 0, process.stderr
-    assert process.stdout == "| gpt2 | 8p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |\n"
-
-
-def test_summary_row_parses_back():
-    row = summary.format_row("roberta-base", "1p", 0.61234, 98.76, "fp32", 0.5)
-    assert row.startswith("| ")
-    assert summary.parse_row(row) == {"model": "roberta-base", "devices": "1p", "acc": 0.6123, "fps": 98.8,
-                                      "amp": "fp32", "epochs": 0.5}
-    assert summary.parse_row(summary.format_row("gpt2", "8p", None, None, "O2", None))["acc"] is None
+    assert process.stdout == "| gpt2 | 1p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |\n"
 
 
 @pytest.mark.parametrize("flags, amp", [
-    (["--fp16", "--fp16_opt_level", "O1", "--fp16_opt_level", "O2"], "O2"),
-    (["--fp16"], "fp16"),
-    (["--fp16", "--fp16_opt_level", "O2", "--fp16", "false"], "fp32"),
-    (["--bf16=true"], "bf16"),
+    (["--fp16"], "O1"),  # the level the run used: O1 is the default
+    (["--fp16", "--fp16_opt_level", "O1", "--fp16_opt_level", "O3"], "O3"),
+    (["--bf16=true", "--fp16_opt_level", "O2"], "bf16 O2"),
     ([], "fp32"),
 ])
-def test_amp_type_reads_the_last_flags(flags, amp):
-    assert summary.amp_type(flags) == amp
+def test_the_row_the_table_and_the_card_name_the_precision_the_run_used(tmp_path, flags, amp):
+    out = finished_run(tmp_path / "out", ["--model_type", "gpt2", *flags], epoch=1.0, fps=2.0)
+    row = results.parse_row(results.summary_row(str(out)))
+    cells = results.results_cells(str(out))
+    card = results.model_card(json.loads((out / "run_info.json").read_text()), {})
+    assert (row["amp"], cells["AMP_Type"], row["model"]) == (amp, amp, "gpt2")
+    assert f"AMP_Type {amp})" in card
 
 
-def test_model_column_for_scratch_runs(tmp_path):
-    out = write_results(tmp_path / "out", train_samples_per_second=1.0)
-    assert summary.model_label(["--model_name_or_path", "gpt2", "--model_type", "gpt2",
-                                "--model_name_or_path", "/ckpt/roberta-base/"], str(out)) == "roberta-base"
-    assert summary.model_label(["--model_type", "xlnet"], str(out)) == "xlnet"
-    (out / "config.json").write_text(json.dumps({"_name_or_path": "", "model_type": "gpt2"}))
-    assert summary.model_label([], str(out)) == "gpt2"
+def test_summary_row_parses_back(tmp_path):
+    out = finished_run(tmp_path / "out", ["--model_name_or_path", "/ckpt/roberta-base/"], epoch=0.5, fps=98.76,
+                       eval_accuracy=0.61234)
+    row = results.summary_row(str(out))
+    assert row.startswith("| ")
+    assert results.parse_row(row) == {"model": "roberta-base", "devices": "1p", "acc": 0.6123, "fps": 98.8,
+                                      "amp": "fp32", "epochs": 0.5}
+    (out / "all_results.json").write_text("{}")
+    assert results.parse_row(results.summary_row(str(out)))["acc"] is None
+
+
+def test_model_column_of_a_run_without_run_info(tmp_path):
+    (tmp_path / "all_results.json").write_text(json.dumps({"fps": 1.0}))
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "", "model_type": "gpt2"}))
+    assert results.parse_row(results.summary_row(str(tmp_path)))["model"] == "gpt2"
 
 
 def test_summary_without_results_is_one_line(tmp_path):
@@ -272,18 +253,12 @@ def test_summary_without_results_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
     lines = (ROOT / "data" / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(True)
     (tmp_path / "train.txt").write_text("".join(lines[:700]), encoding="utf-8")
     (tmp_path / "valid.txt").write_text("".join(lines[700:900]), encoding="utf-8")
     out = tmp_path / "out"
-    env = {"NPROC_PER_NODE": "2", "DEVICE": "cpu", "AMP_FLAGS": "", "MASTER_PORT": str(_free_port()),
+    env = {"NPROC_PER_NODE": "2", "DEVICE": "cpu", "AMP_FLAGS": "", "MASTER_PORT": str(free_port()),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     tiny = ["--model_type", "gpt2", "--tokenizer_name", "data/tokenizers/gpt2", "--block_size", "64",
             "--config_overrides", "n_layer=2,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
@@ -295,12 +270,12 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
 
     assert [p.parent for p in tmp_path.rglob("all_results.json")] == [out]
-    results = json.loads((out / "all_results.json").read_text())
+    metrics = json.loads((out / "all_results.json").read_text())
     # 4 steps of 8 samples on each of 2 ranks: only a real 2-process group gives 64 samples.
-    samples = results["train_samples_per_second"] * results["train_runtime"]
+    samples = metrics["train_samples_per_second"] * metrics["train_runtime"]
     assert samples == pytest.approx(64, rel=0.02)
 
-    assert results["fps"] > 0 and results["fps_warmup_steps"] == 1
+    assert metrics["fps"] > 0 and metrics["fps_warmup_steps"] == 1
 
     # The same global batch of 16 in one process (samples in order, so that both runs see the same
     # 16 per step): the same losses
@@ -318,7 +293,7 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
     log = (out / "train.log").read_text()
     row = [line for line in log.splitlines() if line.startswith("| ")][-1]
     assert process.stdout.rstrip().splitlines()[-1] == row
-    parsed = summary.parse_row(row)
+    parsed = results.parse_row(row)
     assert parsed["model"] == "gpt2" and parsed["devices"] == "2p" and parsed["amp"] == "fp32"
     assert 0.0 <= parsed["acc"] <= 1.0 and parsed["fps"] > 0
 
@@ -328,19 +303,19 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
 
 def test_one_process_on_several_devices_becomes_one_per_device(monkeypatch, tmp_path):
     """What `python run_clm.py ...` on a 2-GPU machine execs; the command is then run for real (on CPU)."""
-    monkeypatch.setattr(device, "device_count", lambda name: 2)
+    monkeypatch.setattr(auto_ddp, "device_count", lambda name: 2)
     monkeypatch.setattr(sys, "argv", ["run_clm.py", "--do_train"])
-    assert device.all_devices_command("cpu") is None  # processes on one CPU are the launchers' choice
+    assert auto_ddp.all_devices_command("cpu") is None  # processes on one CPU are the launchers' choice
     monkeypatch.setenv("LM_AUTO_DDP", "0")
-    assert device.all_devices_command("cuda") is None
+    assert auto_ddp.all_devices_command("cuda") is None
     monkeypatch.delenv("LM_AUTO_DDP")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert device.all_devices_command("cuda") is None  # already under torchrun
+    assert auto_ddp.all_devices_command("cuda") is None  # already under torchrun
     monkeypatch.delenv("LOCAL_RANK")
 
     execs = []
     monkeypatch.setattr(os, "execve", lambda path, command, env: execs.append((command, env)))
-    device.run_on_all_devices("npu")
+    auto_ddp.run_on_all_devices("npu")
     [(command, env)] = execs
     assert command == [sys.executable, "-m", "utils.torchrun", "--standalone", "--nproc_per_node=2",
                        str(Path("run_clm.py").resolve()), "--do_train"]
@@ -359,5 +334,5 @@ def test_one_process_on_several_devices_becomes_one_per_device(monkeypatch, tmp_
                              env={**{k: v for k, v in env.items() if k not in DEVICE_ENV}, "LM_DEVICE": "cpu",
                                   "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")})
     assert process.returncode == 0, process.stderr[-3000:]
-    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
-    assert results["train_samples_per_second"] * results["train_runtime"] == pytest.approx(16, rel=0.02)
+    metrics = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert metrics["train_samples_per_second"] * metrics["train_runtime"] == pytest.approx(16, rel=0.02)

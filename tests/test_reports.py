@@ -134,7 +134,6 @@ def test_model_card_holds_data_metrics_precision_and_hardware(run, text_files):
     for text in (str(text_files["train"]), f"| eval loss | {r['eval_loss']:.4f} |",
                  f"| perplexity | {r['perplexity']:.2f} |", f"| eval accuracy | {r['eval_accuracy']:.4f} |",
                  f"| train samples/s (whole run) | {r['train_samples_per_second']:.2f} |",
-                 f"| train tokens/s (whole run) | {r['train_tokens_per_second']:.0f} |",
                  f"| tokens/s after warm-up | {r['fps_tokens_per_second']:.0f} |",
                  "- precision: fp32", "- device: cpu", "- processes: 1 (1p)"):
         assert text in card, text
@@ -149,13 +148,15 @@ def test_start_of_run_block_is_logged_once(run):
     assert (info["device"].split(":")[0], info["world_size"], info["effective_batch_size"]) == ("cpu", 1, 4)
 
 
-def test_precision_setup_reads_the_amp_flags_when_they_exist():
-    amp = SimpleNamespace(fp16=True, bf16=False, fp16_opt_level="O2", use_combine_grad=True, loss_scale="dynamic")
+def test_precision_setup_names_what_the_run_uses():
+    amp = SimpleNamespace(fp16=True, bf16=False, fp16_opt_level="O2", use_combine_grad=True, loss_scale="dynamic",
+                          amp_backend="native")
     assert precision_setup(amp) == {"amp_type": "O2", "precision": "fp16", "precision_backend": "native",
                                     "opt_level": "O2", "combine_grad": True, "loss_scale": "dynamic"}
-    # Arguments from before the AMP flags: no attribute errors, the same names as the summary row.
-    assert precision_setup(SimpleNamespace(bf16=True))["amp_type"] == "bf16"
-    assert precision_setup(SimpleNamespace())["amp_type"] == "fp32"
+    fp32 = SimpleNamespace(fp16=False, bf16=False, fp16_opt_level=None, use_combine_grad=False, loss_scale="dynamic",
+                           amp_backend="auto")
+    assert precision_setup(fp32) == {"amp_type": "fp32", "precision": "fp32", "precision_backend": "none",
+                                     "opt_level": None, "combine_grad": False, "loss_scale": None}
 
 
 def test_hub_tokens_stay_out_of_the_shared_files():

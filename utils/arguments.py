@@ -13,9 +13,9 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .amp_config import OPT_LEVELS as AMP_OPT_LEVELS
 from .amp_config import parse_loss_scale
-from .cli import setup_logging
-from .device import finish_device_setup, run_on_all_devices, setup_device
+from .device import check_placement, setup_device, training_defaults
 from .errors import UsageError
+from .reporting import describe_run
 from .scaling import check_scaling_flags
 
 
@@ -185,6 +185,11 @@ class LMTrainingArguments(TrainingArguments):
                   "choices": ["auto", "native", "apex"]},
     )
 
+    # What run_info.json says about the run, noted at parsing (``reporting.describe_run``); not flags.
+    run_model: str = field(default="unknown", init=False)
+    run_dataset: str = field(default="unknown", init=False)
+    run_command: list = field(default_factory=list, init=False)
+
     def __post_init__(self):
         check_amp_flags(self)  # before TrainingArguments' own checks, whose messages name no flag
         check_scaling_flags(self)  # --fsdp/--deepspeed: refused where they would not shard (utils/scaling.py)
@@ -237,26 +242,47 @@ class _Parser(HfArgumentParser):
         sys.exit(2)
 
 
-def parse_args(*task_dataclasses):
-    """Parse ModelArguments, DataArguments, the task's own dataclasses and LMTrainingArguments.
+def _flag_values(parser: HfArgumentParser, argv: list[str]) -> tuple[dict, list[str]]:
+    """Every flag's value by field name, and the flags as a command line would give them.
 
-    A single ``.json`` argument is read as a file of flags, as in the Hugging Face examples.
-    Also sets up logging, and the device: it must be chosen before TrainingArguments exist,
-    because building them already starts the process group. Returns the instances in order.
+    From the command line, or from a single .json file of flags, as in the Hugging Face examples.
     """
+    if not (len(argv) == 1 and argv[0].endswith(".json")):
+        return vars(parser.parse_args(argv)), argv
+    try:
+        with open(argv[0], encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{argv[0]}: not a JSON file of flags ({err})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{argv[0]}: a JSON file of flags holds one object, {{\"flag\": value, ...}}")
+    flags = []
+    for name, value in values.items():
+        flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return values, flags
+
+
+def parse_args(*task_dataclasses, argv: list[str] | None = None):
+    """Parse ModelArguments, DataArguments, the task's own dataclasses and LMTrainingArguments, once.
+
+    A single ``.json`` argument is read as a file of flags, as in the Hugging Face examples. The
+    device is chosen here, between reading the flags and building TrainingArguments, because
+    building them already starts the process group. Returns the instances in order.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     types = (ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments)
     parser = _Parser(types)
-    device = setup_device(parser)
+    values, flags = _flag_values(parser, argv)
+    device = setup_device(use_cpu=bool(values.get("use_cpu")))
+    for name, value in training_defaults(device).items():
+        if values.get(name) is None or name == "use_cpu":
+            values[name] = value
     try:
-        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            parsed = parser.parse_json_file(json_file=sys.argv[1])
-        else:
-            parsed = parser.parse_args_into_dataclasses()
-    except (ValueError, json.JSONDecodeError, FileNotFoundError) as err:
+        parsed = parser.parse_dict(values)
+    except (ValueError, TypeError) as err:
         # TrainingArguments validates flag combinations in __post_init__ with ValueError.
         raise UsageError(" ".join(str(err).split())) from None
-    training_args = parsed[-1]
-    setup_logging(training_args)
-    run_on_all_devices(device)  # `python run_clm.py` on 8 GPUs becomes 8 DDP processes
-    finish_device_setup(training_args, device)  # also seeds every device
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
+    check_placement(training_args, device)
+    describe_run(training_args, model_args, data_args, flags)
     return parsed

@@ -1,4 +1,4 @@
-"""What every script does around its recipe: logging, and turning user errors into one line."""
+"""What every script does around its recipe: starting the run, and turning user errors into one line."""
 
 import logging
 import sys
@@ -6,6 +6,8 @@ import sys
 import datasets
 import transformers
 
+from .auto_ddp import run_on_all_devices
+from .device import describe_device
 from .errors import TrainingStopped, UsageError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,21 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+
+
+def start_run(training_args) -> None:
+    """What happens between parsing and the recipe: logging, one process per device, seeds.
+
+    A plain ``python run_*.py`` that sees several GPUs or NPUs does not return from here: it is
+    replaced by one process per device under torchrun (``utils/auto_ddp.py``), each of which
+    parses its flags and comes here again.
+    """
+    setup_logging(training_args)
+    device = training_args.device.type
+    run_on_all_devices(device)
+    transformers.set_seed(training_args.seed)  # Python, NumPy, torch and every device, before the model is built
+    if training_args.process_index == 0:
+        logger.info("Device: %s", describe_device(device))
 
 
 def run_cli(main) -> None:

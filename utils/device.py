@@ -1,10 +1,10 @@
 """Pick the accelerator (Ascend NPU, CUDA GPU or CPU) and prepare it for training.
 
-A training script calls two functions, in this order:
+``utils.arguments.parse_args`` calls two functions, in this order:
 
-    device = setup_device(parser)                  # BEFORE parsing the arguments
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    finish_device_setup(training_args, device)     # seeds every device, checks the pick
+    device = setup_device(use_cpu)                 # BEFORE TrainingArguments are built
+    training_args = LMTrainingArguments(**values, **training_defaults(device))
+    check_placement(training_args, device)
 
 ``setup_device`` must run before ``TrainingArguments`` exists: building it starts the
 distributed process group (``__post_init__`` -> ``self.device`` -> accelerate's
@@ -35,10 +35,8 @@ import argparse
 import functools
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
-import random
 import re
 import sys
 from collections.abc import Sequence
@@ -222,105 +220,39 @@ def is_distributed() -> bool:
     return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-# ----------------------------------------------------- one process, several devices
-
-AUTO_DDP_ENV = "LM_AUTO_DDP"
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def all_devices_command(device: str, argv: Sequence[str] | None = None) -> list[str] | None:
-    """The torchrun command that runs this script on every visible device, or None.
-
-    A plain ``python run_clm.py`` on a machine with several GPUs or NPUs would otherwise run one
-    process, and the Trainer would split each batch over the devices with ``nn.DataParallel``:
-    slower than DDP, and with ``--fp16_opt_level``'s flat buffers not synchronised at all. None
-    when already distributed, on the CPU, with one device, or with ``LM_AUTO_DDP=0``.
-    """
-    if device == "cpu" or is_distributed():
-        return None
-    if os.environ.get(AUTO_DDP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    visible = device_count(device)
-    if visible < 2:
-        return None
-    argv = sys.argv[1:] if argv is None else list(argv)
-    script = os.path.abspath(sys.argv[0])
-    return [sys.executable, "-m", "utils.torchrun", "--standalone", f"--nproc_per_node={visible}", script, *argv]
-
-
-def run_on_all_devices(device: str) -> None:
-    """Replace this process by one process per visible device (DDP) when that is what it needs."""
-    command = all_devices_command(device)
-    if command is None:
-        if device != "cpu" and not is_distributed() and device_count(device) > 1:
-            logger.warning("%d %s devices visible and %s=0: the Trainer splits batches over them with "
-                           "DataParallel; torchrun (scripts/train_*_8p.sh) runs one process per device",
-                           device_count(device), device.upper(), AUTO_DDP_ENV)
-        return
-    logger.warning("%d %s devices visible: running one process per device under torchrun (DDP), the global batch "
-                   "is %d x --per_device_train_batch_size. %s=0 keeps one process.",
-                   device_count(device), device.upper(), device_count(device), AUTO_DDP_ENV)
-    # utils.torchrun is found from any working directory.
-    path = os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(command[0], command, {**os.environ, "PYTHONPATH": path})
-
-
 # --------------------------------------------------------------------------- setup
 
 
-def setup_device(parser: argparse.ArgumentParser | None = None, argv: Sequence[str] | None = None) -> str:
-    """Choose the device and prepare it; call before building TrainingArguments.
+def setup_device(use_cpu: bool = False) -> str:
+    """Choose the device and prepare it; call before building TrainingArguments (see the module doc).
 
-    ``argv`` (default ``sys.argv[1:]``) is only read for ``--use_cpu``. With ``parser`` (an
-    HfArgumentParser), the device's ``ddp_backend`` becomes that flag's default in distributed
-    runs and, on CPU, ``use_cpu`` defaults to true; flags given on the command line still win.
     Returns "npu", "cuda" or "cpu".
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
     _hide_broken_torch_npu()
-    device = resolve_device(use_cpu=_use_cpu_in(argv))
-
+    device = resolve_device(use_cpu=use_cpu)
     if device == "cpu":
         # Without this, accelerate treats a torchrun CPU job as N unrelated single processes.
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if device == "npu":
         _apply_npu_options()
     _set_local_device(device)
-
-    if parser is not None:
-        defaults = {"use_cpu": True} if device == "cpu" else {}
-        if is_distributed():
-            # Only when distributed: accelerate expects no backend for a single process.
-            defaults["ddp_backend"] = ddp_backend_for(device)
-        parser.set_defaults(**defaults)
     return device
 
 
-def _use_cpu_in(argv: list[str]) -> bool:
-    if len(argv) == 1 and argv[0].endswith(".json") and os.path.isfile(argv[0]):
-        with open(argv[0]) as f:
-            try:
-                flags = json.load(f)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{argv[0]}: not a JSON file of flags ({err})") from None
-        return isinstance(flags, dict) and bool(flags.get("use_cpu", False))
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == "--use_cpu":
-            following = argv[i + 1] if i + 1 < len(argv) else "--"
-            value = "true" if following.startswith("-") else following
-        elif arg.startswith("--use_cpu="):
-            value = arg.split("=", 1)[1]
-    return value is not None and value.lower() in ("true", "1", "yes", "y", "t")
+def training_defaults(device: str) -> dict:
+    """The TrainingArguments defaults this device needs (the command line still wins)."""
+    defaults = {"use_cpu": True} if device == "cpu" else {}
+    if is_distributed():
+        # Only when distributed: accelerate expects no backend for a single process.
+        defaults["ddp_backend"] = ddp_backend_for(device)
+    return defaults
 
 
 def _apply_npu_options() -> None:
     import torch
 
-    jit = _env_flag("NPU_JIT_COMPILE")
-    internal_format = _env_flag("NPU_INTERNAL_FORMAT")
+    jit = env_flag("NPU_JIT_COMPILE")
+    internal_format = env_flag("NPU_INTERNAL_FORMAT")
     try:
         torch.npu.set_compile_mode(jit_compile=jit)
         torch.npu.config.allow_internal_format = internal_format
@@ -329,8 +261,10 @@ def _apply_npu_options() -> None:
     logger.info("NPU options: jit_compile=%s allow_internal_format=%s", jit, internal_format)
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off, any case."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if value == "" else value in ("1", "true", "yes", "on", "y", "t")
 
 
 def _set_local_device(device: str) -> None:
@@ -350,34 +284,14 @@ def _set_local_device(device: str) -> None:
     getattr(torch, device).set_device(local_rank)
 
 
-def finish_device_setup(training_args, device: str) -> None:
-    """After parsing: seed every device and check that transformers placed the run on ``device``."""
+def check_placement(training_args, device: str) -> None:
+    """After TrainingArguments are built: check that transformers placed the run on ``device``."""
     actual = training_args.device.type
     if actual != device:
         message = f"the run landed on {actual} but {device} was chosen"
         if requested_device() not in (None, actual):
             raise UsageError(f"{message}: drop --use_cpu or change DEVICE/{DEVICE_ENV}")
         logger.warning("%s; continuing on %s", message, actual)
-        device = actual
-    seed_all(training_args.seed, device)
-    if training_args.process_index == 0:
-        logger.info("Device: %s", describe_device(device))
-
-
-def seed_all(seed: int, device: str) -> None:
-    """Seed Python, NumPy and torch on the host and on every device of ``device``'s kind."""
-    import torch
-
-    random.seed(seed)
-    try:
-        import numpy
-
-        numpy.random.seed(seed)
-    except ImportError:
-        pass
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    if device == "npu":
-        torch.npu.manual_seed_all(seed)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -402,39 +316,6 @@ def describe_device(device: str | None = None) -> str:
     return f"{device}: {device_count(device)} x {device_name(device)}"
 
 
-# Dense (no sparsity) 16-bit tensor throughput per device, FLOP/s; bf16 and fp16 peak the
-# same on these parts. Names are matched as substrings of get_device_name(), first match wins.
-_PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM5; NVIDIA's datasheet gives 1979 TFLOPS with sparsity
-    ("H200", 989e12),  # same compute die as H100 SXM, more memory
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    # Ascend: Huawei publishes little; 910B figures circulating for the 910B1-B4 bins range
-    # from ~280 to ~376 TFLOPS fp16. 313e12 is the commonly quoted one, treat MFU as approximate.
-    ("910B", 313e12),
-    ("Ascend910", 256e12),  # first-generation Ascend 910, Huawei's launch figure for fp16
-)
-
-
-def peak_flops(name: str | None = None) -> float | None:
-    """Peak dense bf16/fp16 FLOP/s of one device named ``name`` (default: the current one).
-
-    None for CPUs and unknown parts, so an MFU estimate can be left out instead of guessed.
-    """
-    if name is None:
-        device = resolve_device()
-        if device == "cpu":
-            return None
-        name = device_name(device)
-    for pattern, flops in _PEAK_FLOPS:
-        if pattern.lower() in name.lower():
-            return flops
-    return None
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -444,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_argument("--nproc", type=int, default=1, help="processes per node that each need a device")
     args = cli.parse_args(argv)
     try:
-        device = setup_device(argv=[])
+        device = setup_device()
         check_nproc(args.nproc, device)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,56 +1,32 @@
-"""What a run tells its users: a setup block at the start, tokens/s while training, a model card.
+"""What a run records about itself when it starts: one setup block in the log and run_info.json.
 
-* ``ReportCallback`` (registered for every run by ``LMTrainer``): at the start of training, on
-  the main process, logs one block with the device, precision (backend, O-level, combine_grad,
-  loss scale), world size and effective batch size, and writes the same facts to
-  ``OUTPUT_DIR/run_info.json`` so that the report scripts never unpickle ``training_args.bin``.
-  ``LMTrainer.log`` asks it for ``tokens_per_second`` (all processes together) over the steps
-  since the last training log (progress bar, TensorBoard, ``trainer_state.json``). The time
-  between two logs needs no device sync of its own: logging the loss already waits for the device.
-* ``write_model_card(trainer)``: ``OUTPUT_DIR/README.md`` from all_results.json and run_info.json;
-  called after each results file is saved, so the last card holds train and eval metrics.
-* ``results_cells(output_dir)``: one finished run's numbers for ``scripts/results_table.py``.
-
-Column names and number formats are those of the launcher's summary row (``utils.summary``).
+``ReportCallback`` (registered for every run by ``LMTrainer``), at the start of training, on the
+main process, logs the device, precision (backend, O-level, combine_grad, loss scale), world size
+and effective batch size, and writes the same facts to ``OUTPUT_DIR/run_info.json``, which every
+report (``utils.results``: the launcher's row, the results table, the model card) reads, so that
+none of them derives the setup from flags again or unpickles ``training_args.bin``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import time
 
 from transformers import TrainerCallback
 
 from .device import describe_device
-from .summary import amp_label, flag_value, format_epochs, format_number, fps_of, model_label, read_json
+from .results import RUN_INFO, read_json, write_json
+from .speed import effective_batch_size
 
 logger = logging.getLogger(__name__)
-
-RUN_INFO = "run_info.json"
-MODEL_CARD = "README.md"
-RESULTS = "all_results.json"
-
-
-# --------------------------------------------------------------------------- the run's setup
 
 
 _SECRET_FLAGS = ("--token", "--hub_token")
 
 
-def run_flags(argv: list[str] | None = None) -> list[str]:
-    """This process's flags (a single .json argument file becomes flags too), hub tokens masked.
-
-    They are written into run_info.json and the model card, which are meant to be shared.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        flags = []
-        for name, value in (read_json(argv[0]) or {}).items():
-            flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
-        argv = flags
+def run_flags(argv: list[str]) -> list[str]:
+    """The flags with hub tokens masked: they are written into run_info.json and the model card, which are shared."""
     masked = []
     for arg in argv:
         if masked and masked[-1] in _SECRET_FLAGS:
@@ -61,44 +37,56 @@ def run_flags(argv: list[str] | None = None) -> list[str]:
     return masked
 
 
-def effective_batch_size(args) -> int:
-    """Samples per optimizer step over all processes."""
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+def amp_type(args) -> str:
+    """The AMP_Type column: the O-level of an fp16 run ("bf16 O2" for bf16), else "fp32"."""
+    if args.fp16:
+        return args.fp16_opt_level
+    return f"bf16 {args.fp16_opt_level}" if args.bf16 else "fp32"
 
 
 def precision_setup(args) -> dict:
-    """Precision facts, read defensively: the AMP flags are not in every version of the arguments."""
-    fp16, bf16 = bool(getattr(args, "fp16", False)), bool(getattr(args, "bf16", False))
-    half = fp16 or bf16
-    opt_level = getattr(args, "fp16_opt_level", None) if half else None
+    """The precision the run uses, read after parsing filled in the defaults (--fp16 alone is O1)."""
+    half = args.fp16 or args.bf16
     return {
-        "amp_type": amp_label(fp16, bf16, opt_level),
-        "precision": "fp16" if fp16 else "bf16" if bf16 else "fp32",
+        "amp_type": amp_type(args),
+        "precision": "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
         # The mixed-precision setup resolves --amp_backend auto to the backend it chose.
-        "precision_backend": ("apex" if getattr(args, "amp_backend", None) == "apex" else "native") if half else "none",
-        "opt_level": opt_level,
-        "combine_grad": bool(getattr(args, "use_combine_grad", False)),
-        "loss_scale": getattr(args, "loss_scale", None) if fp16 else None,
+        "precision_backend": ("apex" if args.amp_backend == "apex" else "native") if half else "none",
+        "opt_level": args.fp16_opt_level if half else None,
+        "combine_grad": args.use_combine_grad,
+        "loss_scale": args.loss_scale if args.fp16 else None,
     }
 
 
-def dataset_label(flags: list[str]) -> str:
+def model_label(model_args) -> str:
+    """The model column: the checkpoint's name (its last path part), else the model type trained from scratch."""
+    checkpoint = (model_args.model_name_or_path or "").rstrip("/")
+    return os.path.basename(checkpoint) or checkpoint or model_args.model_type or "unknown"
+
+
+def dataset_label(data_args) -> str:
     """The hub dataset (with its configuration) or the local files the run read."""
-    name = flag_value(flags, "dataset_name")
-    if name:
-        config = flag_value(flags, "dataset_config_name")
-        return f"{name} ({config})" if config else name
-    files = [flag_value(flags, "train_file"), flag_value(flags, "validation_file")]
+    if data_args.dataset_name:
+        config = data_args.dataset_config_name
+        return f"{data_args.dataset_name} ({config})" if config else data_args.dataset_name
+    files = [data_args.train_file, data_args.validation_file]
     return ", ".join(f for f in files if f) or "unknown"
+
+
+def describe_run(training_args, model_args, data_args, flags: list[str]) -> None:
+    """Note on ``training_args`` what run_info.json says about the model, data and command."""
+    training_args.run_model = model_label(model_args)
+    training_args.run_dataset = dataset_label(data_args)
+    training_args.run_command = [os.path.basename(sys.argv[0]), *run_flags(flags)]
 
 
 def run_info(args) -> dict:
     """Everything the start-of-run block, the model card and the results table say about the setup."""
-    flags = run_flags()
+    script, *flags = args.run_command or ["run_*.py"]
     return {
-        "model": model_label(flags, args.output_dir),
-        "dataset": dataset_label(flags),
-        "script": os.path.basename(sys.argv[0]),
+        "model": args.run_model,
+        "dataset": args.run_dataset,
+        "script": script,
         "devices": f"{args.world_size}p",
         "world_size": args.world_size,
         "device": describe_device(args.device.type),
@@ -125,153 +113,18 @@ def log_run_setup(info: dict) -> None:
     )
 
 
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-
-
-# --------------------------------------------------------------------------- during training
+def write_run_info(args, overwrite: bool = True) -> None:
+    """OUTPUT_DIR/run_info.json (main process only); ``overwrite=False`` keeps one already there."""
+    path = os.path.join(args.output_dir, RUN_INFO)
+    if overwrite or read_json(path) is None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json(path, run_info(args))
 
 
 class ReportCallback(TrainerCallback):
-    """Logs the setup and writes run_info.json at the start; keeps the clock for tokens/s."""
-
-    def __init__(self):
-        self._mark = (time.perf_counter(), 0)
+    """Logs the setup and writes run_info.json when training starts."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._restart_clock(state)
         if state.is_world_process_zero:
-            info = run_info(args)
-            log_run_setup(info)
-            os.makedirs(args.output_dir, exist_ok=True)
-            _write_json(os.path.join(args.output_dir, RUN_INFO), info)
-
-    # Evaluations and checkpoint saves are not training: the next window starts after them.
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._restart_clock(state)
-
-    def on_save(self, args, state, control, **kwargs):
-        self._restart_clock(state)
-
-    def _restart_clock(self, state) -> None:
-        self._mark = (time.perf_counter(), state.global_step)
-
-    def speed_since_last_log(self, args, state, tokens_per_sample: float | None) -> dict:
-        """tokens/s over the optimizer steps since the last log, evaluation or save."""
-        start, start_step = self._mark
-        self._restart_clock(state)
-        seconds, steps = time.perf_counter() - start, state.global_step - start_step
-        if not tokens_per_sample or steps <= 0 or seconds <= 0:
-            return {}
-        samples_per_second = steps * effective_batch_size(args) / seconds
-        return {"tokens_per_second": round(samples_per_second * tokens_per_sample, 1)}
-
-
-# --------------------------------------------------------------------------- at the end
-
-
-def write_model_card(trainer) -> None:
-    """Write OUTPUT_DIR/README.md from the results saved so far (main process only)."""
-    if not trainer.is_world_process_zero():
-        return
-    output_dir = trainer.args.output_dir
-    info_path = os.path.join(output_dir, RUN_INFO)
-    info = read_json(info_path)
-    if info is None:  # an evaluation-only run: no training started to write it
-        info = run_info(trainer.args)
-        _write_json(info_path, info)
-    results = read_json(os.path.join(output_dir, RESULTS)) or {}
-    with open(os.path.join(output_dir, MODEL_CARD), "w", encoding="utf-8") as f:
-        f.write(model_card(info, results))
-    logger.info("Model card written to %s", os.path.join(output_dir, MODEL_CARD))
-
-
-# (label, all_results.json key, number format), in the card's order
-_CARD_METRICS = (
-    ("eval loss", "eval_loss", ".4f"),
-    ("perplexity", "perplexity", ".2f"),
-    ("eval accuracy", "eval_accuracy", ".4f"),
-    ("train loss", "train_loss", ".4f"),
-    ("train samples/s (whole run)", "train_samples_per_second", ".2f"),
-    ("train tokens/s (whole run)", "train_tokens_per_second", ".0f"),
-    ("FPS, samples/s after warm-up", "fps", ".2f"),
-    ("tokens/s after warm-up", "fps_tokens_per_second", ".0f"),
-    ("MFU", "mfu", ".4f"),
-    ("train samples", "train_samples", "d"),
-    ("eval samples", "eval_samples", "d"),
-)
-
-
-def model_card(info: dict, results: dict) -> str:
-    """The card's Markdown: what was trained on what, the metrics, precision and hardware."""
-    metrics = [f"| {label} | {format_number(results[key], spec)} |"
-               for label, key, spec in _CARD_METRICS if results.get(key) is not None]
-    epochs = format_epochs(results.get("epoch"))
-    command = " ".join(["python", info.get("script", "run_*.py"), *info.get("flags", [])])
-    lines = [
-        f"# {info['model']}",
-        "",
-        f"A {info['model']} language model trained with `{info.get('script', 'this suite')}`.",
-        "",
-        "## Data",
-        "",
-        f"- dataset: {info['dataset']}",
-        f"- epochs: {epochs}",
-        "",
-        "## Metrics",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        *(metrics or ["| (none saved) | |"]),
-        "",
-        "## Precision and hardware",
-        "",
-        f"- device: {info['device']}",
-        f"- processes: {info['world_size']} ({info['devices']})",
-        f"- precision: {info['precision']} (AMP_Type {info['amp_type']}), backend {info['precision_backend']}, "
-        f"opt level {info['opt_level'] or 'n/a'}, combine_grad {info['combine_grad']}, "
-        f"loss scale {info['loss_scale'] if info['loss_scale'] is not None else 'n/a'}",
-        f"- batch: {info['effective_batch_size']} samples per optimizer step "
-        f"({info['per_device_train_batch_size']} per device x {info['gradient_accumulation_steps']} "
-        f"accumulation steps x {info['world_size']} processes)",
-        "",
-        "## Command",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- reading finished runs
-
-
-TABLE_COLUMNS = ("model", "devices", "Acc", "FPS", "AMP_Type", "Epochs", "perplexity", "tokens/s", "run")
-
-
-def results_cells(output_dir: str) -> dict | None:
-    """One finished run's table cells (TABLE_COLUMNS), or None without all_results.json.
-
-    A run from before run_info.json existed still gets a row; what only run_info.json knows
-    reads "n/a".
-    """
-    results = read_json(os.path.join(output_dir, RESULTS))
-    if results is None:
-        return None
-    info = read_json(os.path.join(output_dir, RUN_INFO)) or {}
-    tokens_per_second = results.get("fps_tokens_per_second", results.get("train_tokens_per_second"))
-    return {
-        "model": info.get("model") or model_label([], output_dir),
-        "devices": info.get("devices", "n/a"),
-        "Acc": format_number(results.get("eval_accuracy"), ".4f"),
-        "FPS": format_number(fps_of(results), ".1f"),
-        "AMP_Type": info.get("amp_type", "n/a"),
-        "Epochs": format_epochs(results.get("epoch")),
-        "perplexity": format_number(results.get("perplexity"), ".2f"),
-        "tokens/s": format_number(tokens_per_second, ".0f"),
-        "run": output_dir.rstrip("/"),
-    }
+            log_run_setup(run_info(args))
+            write_run_info(args)

@@ -1,19 +1,18 @@
 """The Trainer the three scripts share, and the train / evaluate steps that write the results files."""
 
-import logging
 
 from transformers import Trainer
 
 from .amp_trainer import MixedPrecisionMixin
 from .checkpoints import save_checkpoint_atomically, save_model_atomically
+from .device import device_name
 from .metrics import TokenAccuracy, perplexity
 from .modeling import weigh_loss_by_num_items
 from .reliability import reliability_callbacks, stop_reason
-from .reporting import ReportCallback, write_model_card
+from .reporting import ReportCallback, write_run_info
+from .results import write_model_card
 from .scaling import setup_sharding
-from .throughput import ThroughputCallback
-
-logger = logging.getLogger(__name__)
+from .speed import SpeedCallback
 
 
 class LMTrainer(MixedPrecisionMixin, Trainer):
@@ -38,12 +37,10 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
         self.accuracy = accuracy
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
             weigh_loss_by_num_items(self.model)
-        # Mean tokens in a training sample (the block size when packed): tokens/s and MFU derive from it.
-        self.tokens_per_sample = tokens_per_sample
-        self.report = ReportCallback()  # setup block, run_info.json, tokens/s in the training logs
-        self.throughput = ThroughputCallback(self.args.fps_warmup_steps)  # fps after the warm-up
+        # tokens_per_sample: mean tokens in a training sample (the block size when packed), for tokens/s and MFU.
+        self.speed = SpeedCallback(self.args.fps_warmup_steps, tokens_per_sample, device_name(self.args.device.type))
         # SIGTERM/SIGINT -> checkpoint and stop; NaN/inf loss -> stop or skip (utils/reliability.py)
-        for callback in (self.report, self.throughput, *reliability_callbacks(self.args)):
+        for callback in (ReportCallback(), self.speed, *reliability_callbacks(self.args)):
             self.add_callback(callback)
         setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds (utils/scaling.py)
 
@@ -59,7 +56,7 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # tokens/s beside loss and lr, for the progress bar and TensorBoard
-            logs.update(self.report.speed_since_last_log(self.args, self.state, self.tokens_per_sample))
+            logs.update(self.speed.since_last_log(self.args))
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
@@ -81,14 +78,12 @@ def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | 
     metrics = dict(result.metrics)
     if n_samples is not None:
         metrics["train_samples"] = n_samples
-    tokens_per_sample = trainer.tokens_per_sample
-    if tokens_per_sample and "train_samples_per_second" in metrics:
-        metrics["train_tokens_per_second"] = round(metrics["train_samples_per_second"] * tokens_per_sample, 3)
-    metrics.update(trainer.throughput.metrics(trainer.args, trainer.model, tokens_per_sample))
+    metrics.update(trainer.speed.metrics(trainer.args, trainer.model))
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    write_model_card(trainer)
+    if trainer.is_world_process_zero():
+        write_model_card(trainer.args.output_dir)
     return metrics
 
 
@@ -101,5 +96,7 @@ def evaluate_and_save(trainer: Trainer, n_samples: int | None) -> dict:
         metrics["eval_samples"] = n_samples
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
-    write_model_card(trainer)  # now with the evaluation metrics too
+    if trainer.is_world_process_zero():
+        write_run_info(trainer.args, overwrite=False)  # an evaluation-only run started no training to write it
+        write_model_card(trainer.args.output_dir)  # now with the evaluation metrics too
     return metrics
