@@ -39,7 +39,8 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import TrainerCallback
 
-from .device import all_devices_command, is_distributed, resolve_device
+from .auto_ddp import all_devices_command
+from .device import is_distributed, resolve_device
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
