@@ -215,7 +215,7 @@ def test_summary_row_of_a_reference_run(tmp_path):
 
 @pytest.mark.parametrize("flags, amp", [
     (["--fp16"], "O1"),  # the level the run used: O1 is the default
-    (["--fp16", "--fp16_opt_level", "O1", "--fp16_opt_level", "O3"], "O3"),
+    (["--fp16", "--fp16_opt_level", "O3", "--fp16_opt_level", "O2"], "O2"),  # the last one given
     (["--bf16=true", "--fp16_opt_level", "O2"], "bf16 O2"),
     ([], "fp32"),
 ])
