@@ -242,6 +242,11 @@ class _Parser(HfArgumentParser):
         sys.exit(2)
 
 
+def flag_parser(*types) -> HfArgumentParser:
+    """The parser of these argument dataclasses' flags; errors are one line and exit status 2."""
+    return _Parser(types)
+
+
 def _flag_values(parser: HfArgumentParser, argv: list[str]) -> tuple[dict, list[str]]:
     """Every flag's value by field name, and the flags as a command line would give them.
 
@@ -270,8 +275,7 @@ def parse_args(*task_dataclasses, argv: list[str] | None = None):
     building them already starts the process group. Returns the instances in order.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    types = (ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments)
-    parser = _Parser(types)
+    parser = flag_parser(ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments)
     values, flags = _flag_values(parser, argv)
     device = setup_device(use_cpu=bool(values.get("use_cpu")))
     for name, value in training_defaults(device).items():
