@@ -168,7 +168,7 @@ status=0
 log_start=$(($(stat -c %s "$log" 2>/dev/null || echo 0) + 1))  # where this run's part of the log begins
 {
     echo "device: $device, $devices"
-    echo "command: ${cmd[*]}"
+    echo "command: $("$PYTHON" -m utils.secrets "${cmd[@]}")"  # hub tokens masked (utils/secrets.py)
     "${cmd[@]}"
 } 2>&1 | tee -a "$log" || status=$?
 if ((status != 0)); then

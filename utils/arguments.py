@@ -16,6 +16,7 @@ from .amp import check_amp_flags
 from .cli import setup_logging
 from .device import finish_device_setup, run_on_all_devices, setup_device
 from .errors import UsageError
+from .secrets import remember_secrets
 
 
 @dataclass
@@ -188,6 +189,13 @@ class LMTrainingArguments(TrainingArguments):
             # and GradScaler on top would autocast O2 weights and scale the loss a second time.
             self.mixed_precision = "no"
 
+    def __getstate__(self):
+        # training_args.bin (in every checkpoint and the final model) is a pickle of these
+        # arguments; the hub token must not travel with it. The running process keeps it.
+        state = dict(self.__dict__)
+        state["hub_token"] = None
+        return state
+
 
 _SEED_RANGE = (0, 2**32 - 1)  # what NumPy's seeding accepts
 
@@ -228,6 +236,7 @@ def parse_args(*task_dataclasses):
     except (ValueError, json.JSONDecodeError, FileNotFoundError) as err:
         # TrainingArguments validates flag combinations in __post_init__ with ValueError.
         raise UsageError(" ".join(str(err).split())) from None
+    remember_secrets(*parsed)  # so that no command line written later shows them (utils/secrets.py)
     training_args = parsed[-1]
     setup_logging(training_args)
     run_on_all_devices(device)  # `python run_clm.py` on 8 GPUs becomes 8 DDP processes

@@ -25,6 +25,7 @@ import time
 from transformers import TrainerCallback
 
 from .device import describe_device
+from .secrets import mask_command
 from .summary import amp_label, flag_value, format_epochs, format_number, fps_of, model_label, read_json
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,11 @@ RESULTS = "all_results.json"
 # --------------------------------------------------------------------------- the run's setup
 
 
-_SECRET_FLAGS = ("--token", "--hub_token")
-
-
 def run_flags(argv: list[str] | None = None) -> list[str]:
     """This process's flags (a single .json argument file becomes flags too), hub tokens masked.
 
-    They are written into run_info.json and the model card, which are meant to be shared.
+    They are written into run_info.json and the model card, which are meant to be shared; the
+    tokens are masked by the values the parser found (utils/secrets.py), however they were spelled.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -51,14 +50,7 @@ def run_flags(argv: list[str] | None = None) -> list[str]:
         for name, value in (read_json(argv[0]) or {}).items():
             flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
         argv = flags
-    masked = []
-    for arg in argv:
-        if masked and masked[-1] in _SECRET_FLAGS:
-            arg = "***"
-        elif arg.startswith(tuple(f"{flag}=" for flag in _SECRET_FLAGS)):
-            arg = arg.split("=", 1)[0] + "=***"
-        masked.append(arg)
-    return masked
+    return mask_command(argv)
 
 
 def effective_batch_size(args) -> int:
