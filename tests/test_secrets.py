@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import QUICK, ROOT, TINY, run_script
-from utils.secrets import masked_launch_command
 
 SPELLINGS = [
     ["--token", "hf_SECRET"], ["--token=hf_SECRET"],
@@ -25,6 +24,8 @@ SPELLINGS = [
 
 @pytest.mark.parametrize("spelling", SPELLINGS, ids=lambda s: s[0].split("=")[0])
 def test_every_spelling_is_masked_in_a_command_line(spelling):
+    from utils.secrets import masked_launch_command
+
     command = [sys.executable, "-m", "utils.torchrun", "--nproc_per_node=1", "run_clm.py", "--seed", "1", *spelling,
                "--output_dir", "out"]
     masked = masked_launch_command(command)
@@ -34,6 +35,8 @@ def test_every_spelling_is_masked_in_a_command_line(spelling):
 
 def test_a_command_that_does_not_parse_is_masked_too():
     # "--tok" is ambiguous (--token, --tokenizer_name): the run refuses it, but its log line must not leak.
+    from utils.secrets import masked_launch_command
+
     masked = masked_launch_command(["python", "run_clm.py", "--tok", "hf_SECRET", "--hub_tok=hf_SECRET"])
     assert masked == ["python", "run_clm.py", "--tok", "***", "--hub_tok=***"]
 
