@@ -19,6 +19,7 @@ from utils.collators import CausalLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, resolve_seq_len
+from utils.resume_check import check_resumable
 from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
 
 
@@ -39,8 +40,10 @@ def main():
     config = load_config(model_args, AutoModelForCausalLM)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, config, tokenizer, AutoModelForCausalLM)
+    check_resumable(checkpoint, model, training_args)  # a checkpoint this model can load, before any writing
 
-    block_size = resolve_seq_len(clm_args.block_size, tokenizer, config, "--block_size")
+    block_size = resolve_seq_len(clm_args.block_size, tokenizer, config, "--block_size", minimum=2,
+                                 why="each token learns to predict the next one in its block")
     samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
                                cache_dir=model_args.cache_dir)
 

@@ -21,7 +21,9 @@ from utils.collators import MaskedLMCollator
 from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
 from utils.errors import UsageError
 from utils.metrics import TokenAccuracy
-from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
+from utils.modeling import (load_config, load_model, load_tokenizer, require_mask_token, require_maskable_tokens,
+                            resolve_seq_len)
+from utils.resume_check import check_resumable
 from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
 
 
@@ -44,8 +46,10 @@ def main():
     tokenizer = load_tokenizer(model_args)
     require_mask_token(tokenizer, "masked language modeling")
     model = load_model(model_args, config, tokenizer, AutoModelForMaskedLM)
+    check_resumable(checkpoint, model, training_args)  # a checkpoint this model can load, before any writing
 
     seq_len = resolve_seq_len(mlm_args.max_seq_length, tokenizer, config, "--max_seq_length")
+    require_maskable_tokens(tokenizer, seq_len, mlm_args.mlm_probability, training_args)
     samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
                                line_by_line=mlm_args.line_by_line, pad_to_max_length=mlm_args.pad_to_max_length,
                                cache_dir=model_args.cache_dir)

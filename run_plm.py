@@ -20,6 +20,7 @@ from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_
 from utils.errors import UsageError
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
+from utils.resume_check import check_resumable
 from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
 
 
@@ -52,6 +53,7 @@ def main():
     tokenizer = load_tokenizer(model_args)
     require_mask_token(tokenizer, "permutation language modeling")
     model = load_model(model_args, config, tokenizer, XLNetLMHeadModel)
+    check_resumable(checkpoint, model, training_args)  # a checkpoint this model can load, before any writing
 
     seq_len = resolve_seq_len(plm_args.max_seq_length, tokenizer, config, "--max_seq_length")
     seq_len -= seq_len % 2  # a clamp to an odd model maximum must still give an even length

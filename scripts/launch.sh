@@ -15,7 +15,8 @@
 # Environment (all optional):
 #   NPROC_PER_NODE   processes, one per device, on this node (the wrappers default to 1 or 8);
 #                    more than the visible CUDA/NPU devices stops with an error, CPU takes any
-#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   torchrun multi-node settings (1 0 127.0.0.1 29500)
+#   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   torchrun multi-node settings (1 0 127.0.0.1, and a free
+#                    port on one node, 29500 on several; a port taken on node 0 stops with an error)
 #   DEVICE           npu | cuda | cpu; unset takes the first usable of NPU, CUDA, CPU.
 #                    npu sources scripts/env_npu.sh. Passed on to Python as LM_DEVICE.
 #   MODEL            --model_name_or_path (default per task)
@@ -128,13 +129,30 @@ flags=("${defaults[@]}" "$@")
 output_dir=$(last_value output_dir "${flags[@]}")
 
 [[ -f $ROOT/run_${TASK}.py ]] || die "$ROOT/run_${TASK}.py not found"
+
+# The rendezvous port. One node: a free one unless MASTER_PORT is given, so that two runs on one
+# machine do not collide. Node 0 hosts it: a port already taken there stops the launch here.
+master_port="${MASTER_PORT:-}"
+if [[ -z $master_port && $NNODES == 1 ]]; then
+    master_port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+fi
+master_port="${master_port:-29500}"
+[[ $master_port =~ ^[1-9][0-9]*$ ]] && ((master_port < 65536)) || die "MASTER_PORT=$master_port: give a port number from 1 to 65535"
+if [[ $NODE_RANK == 0 ]] && ! "$PYTHON" -c '
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store binds it
+s.bind(("", int(sys.argv[1])))' "$master_port" 2>/dev/null; then
+    die "MASTER_PORT=$master_port is already in use on this machine (another run?); choose a free port${MASTER_PORT:+, or leave MASTER_PORT unset on a single node to get one}"
+fi
+
 cmd=(
     "$PYTHON" -m utils.torchrun  # torchrun, passing on the worker's exit status (utils/torchrun.py)
     --nproc_per_node="$NPROC_PER_NODE"
     --nnodes="$NNODES"
     --node_rank="$NODE_RANK"
     --master_addr="${MASTER_ADDR:-127.0.0.1}"
-    --master_port="${MASTER_PORT:-29500}"
+    --master_port="$master_port"
     "$ROOT/run_${TASK}.py" "${flags[@]}"
 )
 
@@ -142,14 +160,15 @@ cmd=(
 # itself ignores this file when it checks that --output_dir holds nothing it could overwrite.
 node_suffix=""
 [[ $NODE_RANK == 0 ]] || node_suffix="_node${NODE_RANK}"
-mkdir -p "$output_dir"
+[[ ! -e $output_dir || -d $output_dir ]] || die "--output_dir $output_dir is a file, not a folder; choose another --output_dir"
+mkdir -p "$output_dir" 2>/dev/null || die "--output_dir $output_dir cannot be created (a part of its path is a file, or not writable); choose another --output_dir"
 log="$output_dir/train${node_suffix}.log"
 
 status=0
 log_start=$(($(stat -c %s "$log" 2>/dev/null || echo 0) + 1))  # where this run's part of the log begins
 {
     echo "device: $device, $devices"
-    echo "command: ${cmd[*]}"
+    echo "command: $("$PYTHON" -m utils.secrets "${cmd[@]}")"  # hub tokens masked (utils/secrets.py)
     "${cmd[@]}"
 } 2>&1 | tee -a "$log" || status=$?
 if ((status != 0)); then

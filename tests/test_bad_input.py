@@ -8,15 +8,18 @@ fixture; under ``pytest -n 2`` xdist spreads them instead.
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, TOKENIZERS
+from conftest import QUICK, ROOT, TINY, TOKENIZERS, run_script
 
 GPT2_SCRATCH = TINY["clm"]
 # The launchers read these; a case sets the ones it needs.
@@ -47,6 +50,7 @@ class Bad:
     task: str = "clm"  # clm, mlm, plm; or a launcher script name under scripts/
     env: dict = field(default_factory=dict)
     new_files: tuple = ()  # paths relative to the case's folder that may appear (a launcher's log)
+    wrapper: tuple = ()  # a test-only script the run goes through (tests/full_disk.py)
 
 
 CASES = {}
@@ -138,6 +142,38 @@ def streaming_without_max_steps(w):
     return Bad(train(w, *GPT2_SCRATCH, "--streaming"), ("--streaming", "--max_steps"))
 
 
+@case
+def one_line_corpus_to_hold_a_validation_split_out_of(w):
+    one_line = w.file("one.txt", w.text["train"].read_text(encoding="utf-8").replace("\n", " ") + "\n")
+    return Bad([*train(w, *GPT2_SCRATCH, train_file=one_line), "--do_eval"],
+               ("--do_eval", "too few rows", "--validation_file"))
+
+
+@case
+def json_file_holding_one_object(w):
+    one = w.file("one.json", json.dumps({"text": w.text["train"].read_text(encoding="utf-8")}))
+    return Bad([*train(w, *GPT2_SCRATCH, train_file=one), "--do_eval"], ("--do_eval", "--validation_file"))
+
+
+@case
+def numeric_text_column(w):
+    numbers = w.file("numbers.csv", "text\n" + "".join(f"{i}\n" for i in range(500)))
+    return Bad(train(w, *GPT2_SCRATCH, train_file=numbers), ("text column", "int64", "not text"))
+
+
+@case
+def bad_file_found_mid_stream(w):
+    # A dataset folder read as a stream: the second file is broken, found only while training.
+    folder = w.tmp / "dataset"
+    folder.mkdir()
+    lines = w.text["train"].read_text(encoding="utf-8").splitlines()[:40]
+    (folder / "train-0.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    (folder / "train-1.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    return Bad([*GPT2_SCRATCH, "--do_train", "--streaming", "--max_steps", "500", "--per_device_train_batch_size",
+                "2", "--report_to", "none", "--dataset_name", folder, "--output_dir", w.out],
+               ("train-1.jsonl", "cannot be read", "while streaming"), new_files=("out", "out/run_info.json"))
+
+
 # ---------------------------------------------------------------------------- model and tokenizer
 
 
@@ -183,6 +219,60 @@ def model_path_that_does_not_exist(w):
 @case
 def hub_model_name_offline(w):
     return Bad(train(w, "--model_name_or_path", "gpt2"), ("--model_name_or_path gpt2", "HF_HUB_OFFLINE"))
+
+
+@case
+def config_overrides_with_heads_that_do_not_divide_the_width(w):
+    return Bad(train(w, "--model_type", "gpt2", "--tokenizer_name", TOKENIZERS / "gpt2", "--config_overrides",
+                     "n_layer=2,n_embd=64,n_head=3", "--block_size", "64"), ("--config_overrides", "n_head=3",
+                                                                            "divisible"))
+
+
+@case
+def config_overrides_with_a_dropout_above_1(w):
+    overrides = "n_layer=2,d_model=64,n_head=2,d_head=32,d_inner=128,dropout=1.5"
+    return Bad(train(w, "--model_type", "xlnet", "--tokenizer_name", TOKENIZERS / "xlnet-base-cased",
+                     "--config_overrides", overrides, "--max_seq_length", "64"),
+               ("--config_overrides", "dropout=1.5", "dropout probability"), task="plm")
+
+
+@case
+def config_overrides_setting_a_key_to_none(w):
+    return Bad(train(w, "--model_type", "gpt2", "--tokenizer_name", TOKENIZERS / "gpt2", "--config_overrides",
+                     "n_layer=2,n_embd=64,n_head=2,n_inner=None", "--block_size", "64"),
+               ("--config_overrides", "n_inner", "--config_name"))
+
+
+@case
+def tokenizer_folder_without_its_vocabulary(w):
+    folder = w.tmp / "tokenizer"
+    folder.mkdir()
+    shutil.copy(TOKENIZERS / "roberta-base" / "tokenizer_config.json", folder)
+    return Bad(train(w, *TINY["mlm"][:2], "--tokenizer_name", folder, *TINY["mlm"][4:]),
+               ("--tokenizer_name", "no vocabulary"), task="mlm")
+
+
+@case
+def truncated_model_safetensors(w):
+    folder = w.tmp / "model"
+    _tiny_gpt2(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return Bad(["--model_name_or_path", folder, "--tokenizer_name", TOKENIZERS / "gpt2", "--do_eval",
+                "--validation_file", w.text["valid"], "--output_dir", w.out],
+               ("--model_name_or_path", "weights file is damaged"))
+
+
+@case
+def block_size_of_one_token(w):
+    # Would train with a loss of 0: a block of one token has no next token to predict.
+    return Bad(train(w, *GPT2_SCRATCH, "--block_size", "1", "--max_steps", "2"), ("--block_size 1", "at least 2"))
+
+
+@case
+def max_seq_length_too_short_to_mask_a_token(w):
+    return Bad(train(w, *TINY["mlm"], "--max_seq_length", "3", "--per_device_train_batch_size", "2"),
+               ("--max_seq_length 3", "mask no token"), task="mlm")
 
 
 @case
@@ -238,6 +328,21 @@ def unknown_nonfinite_loss_policy(w):
     return Bad(train(w, *GPT2_SCRATCH, "--on_nonfinite_loss", "ignore"), ("--on_nonfinite_loss", "ignore"))
 
 
+@case
+def zero_batch_size(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--per_device_train_batch_size", "0"), ("--per_device_train_batch_size 0",))
+
+
+@case
+def zero_gradient_accumulation_steps(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--gradient_accumulation_steps", "0"), ("--gradient_accumulation_steps 0",))
+
+
+@case
+def negative_seed(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--seed", "-1"), ("--seed -1", "from 0"))
+
+
 # ---------------------------------------------------------------------------- output folder and checkpoints
 
 
@@ -278,6 +383,41 @@ def resume_from_a_damaged_checkpoint(w):
                ("--resume_from_checkpoint", "damaged", "model.safetensors"))
 
 
+@case
+def resume_from_a_folder_that_is_not_a_checkpoint(w):
+    notes = w.tmp / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("not a checkpoint")
+    return Bad(train(w, *GPT2_SCRATCH, "--resume_from_checkpoint", notes),
+               ("--resume_from_checkpoint", "notes", "not a checkpoint"))
+
+
+@case
+def resume_from_a_checkpoint_of_another_model_size(w):
+    checkpoint = _trained_run(w) / "checkpoint-2"
+    wider = ["--config_overrides", "n_layer=2,n_embd=128,n_head=2,n_positions=128"]
+    return Bad(train(w, *GPT2_SCRATCH[:4], *wider, "--block_size", "64", "--max_steps", "4",
+                     "--resume_from_checkpoint", checkpoint), ("--resume_from_checkpoint", "another size"))
+
+
+@case
+def resume_finds_a_checkpoint_of_another_model_size(w):
+    shutil.copytree(_trained_run(w) / "checkpoint-2", w.out / "checkpoint-2")
+    wider = ["--config_overrides", "n_layer=2,n_embd=128,n_head=2,n_positions=128"]
+    return Bad(train(w, *GPT2_SCRATCH[:4], *wider, "--block_size", "64", "--max_steps", "4"),
+               ("checkpoint-2", "another size", "--overwrite_output_dir"))
+
+
+@case
+def disk_full_while_saving_a_checkpoint(w):
+    # tests/full_disk.py makes the disk "full" (ENOSPC) for checkpoint-2; checkpoint-1 is saved first.
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "3", "--save_steps", "1", "--report_to", "none",
+                     "--per_device_train_batch_size", "2"),
+               ("no space left", "checkpoint-2", "checkpoint-1", "complete and untouched", "resume"),
+               env={"FULL_DISK_AT": "checkpoint-2"}, wrapper=(ROOT / "tests" / "full_disk.py",),
+               new_files=("out", "out/run_info.json", "out/checkpoint-1/**"))
+
+
 # ---------------------------------------------------------------------------- launchers
 
 
@@ -298,10 +438,50 @@ def launcher_with_more_processes_than_devices(w):
 
 
 @case
+def launcher_with_an_output_dir_that_is_a_file(w):
+    w.file("out", "a file where the run's folder should be")
+    return Bad(["--output_dir", w.out], ("--output_dir", "is a file"), task="train_clm_1p.sh", env={"DEVICE": "cpu"})
+
+
+@case
+def launcher_with_a_master_port_in_use(w):
+    listener = socket.socket()
+    listener.bind(("", 0))
+    listener.listen()
+    _HELD.append(listener)  # kept open while the launcher runs
+    port = str(listener.getsockname()[1])
+    return Bad(["--output_dir", w.out], (f"MASTER_PORT={port}", "in use"), task="train_clm_1p.sh",
+               env={"DEVICE": "cpu", "MASTER_PORT": port})
+
+
+@case
 def launcher_passes_on_the_scripts_error_and_status(w):
     # torchrun's report stays in the log; the launcher's own line gives the script's reason and status.
     return Bad(["--block_sise", "64", "--output_dir", w.out], ("run_clm.py failed (exit 2)", "--block_sise"),
                task="train_clm_1p.sh", env={"DEVICE": "cpu"}, new_files=("out", "out/train.log"))
+
+
+# ---------------------------------------------------------------------------- what some cases need
+
+
+_HELD = []  # sockets that hold a port for as long as the cases run
+_TRAINED_LOCK = threading.Lock()
+
+
+def _tiny_gpt2(folder: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64)).save_pretrained(folder)
+
+
+def _trained_run(where) -> Path:
+    """A real run's output folder with checkpoint-2 (trained once, shared by the cases that need one)."""
+    out = where.tmp.parent / "trained-run"
+    with _TRAINED_LOCK:
+        if not (out / "checkpoint-2").is_dir():
+            run_script("clm", *TINY["clm"], *QUICK, "--max_steps", "2", "--save_steps", "2", "--do_train",
+                       "--train_file", where.text["train"], "--output_dir", out)
+    return out
 
 
 # ---------------------------------------------------------------------------- running the cases
@@ -318,7 +498,7 @@ def run_case(name, where) -> tuple:
         command = ["bash", str(ROOT / "scripts" / bad.task)]
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     else:
-        command, env = [sys.executable, str(ROOT / f"run_{bad.task}.py")], dict(os.environ)
+        command, env = [sys.executable, *map(str, bad.wrapper), str(ROOT / f"run_{bad.task}.py")], dict(os.environ)
     before = snapshot(where.tmp, where.text["train"].parent)
     process = subprocess.run([*command, *map(str, bad.args)], cwd=ROOT, capture_output=True, text=True,
                              env={**env, **bad.env}, timeout=600)
@@ -361,5 +541,9 @@ def test_bad_input_gives_one_line_and_exit_2(name, outcomes):
     for fragment in bad.fragments:
         assert fragment in error_lines[0], error_lines[0]
     for new in bad.new_files:
-        after.pop(outcomes.where[name].tmp / new, None)
+        tmp = outcomes.where[name].tmp
+        if new.endswith("/**"):  # a folder that may appear, with all it holds
+            after = {path: v for path, v in after.items() if path != tmp / new[:-3] and
+                     (tmp / new[:-3]) not in path.parents}
+        after.pop(tmp / new, None)
     assert after == before, "files were created, changed or removed"

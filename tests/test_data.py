@@ -240,3 +240,14 @@ def test_packing_piece_by_piece_keeps_one_continuous_stream(rows, gpt2, tmp_path
     token_lists = gpt2(list(rows["text"][:300]))["input_ids"]
     samples = recipe(gpt2, seq_len=50).build(rows.select(range(300)), None, str(tmp_path))
     assert samples["input_ids"] == list_group_texts(token_lists, 50)
+
+
+def test_a_one_row_corpus_trains_and_small_ones_keep_a_training_row(rows):
+    from datasets import DatasetDict
+
+    # One row (a one-line file, a JSON file of one object): nothing held out, the row trains.
+    one = data_module._hold_out_validation(DatasetDict(train=rows.select(range(1))), 5)
+    assert list(one) == ["train"] and len(one["train"]) == 1
+    # A hold-out never takes every row.
+    two = data_module._hold_out_validation(DatasetDict(train=rows.select(range(2))), 99)
+    assert (len(two["train"]), len(two["validation"])) == (1, 1)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import QUICK, ROOT, TINY, read_json, run_script
 
-from utils.reporting import precision_setup, run_flags
+from utils.reporting import precision_setup
 
 SCRIPTS = ROOT / "scripts"
 
@@ -157,8 +157,3 @@ def test_precision_setup_names_what_the_run_uses():
                            amp_backend="auto")
     assert precision_setup(fp32) == {"amp_type": "fp32", "precision": "fp32", "precision_backend": "none",
                                      "opt_level": None, "combine_grad": False, "loss_scale": None}
-
-
-def test_hub_tokens_stay_out_of_the_shared_files():
-    assert run_flags(["--token", "hf_secret", "--hub_token=hf_other", "--seed", "1"]) == [
-        "--token", "***", "--hub_token=***", "--seed", "1"]

@@ -193,12 +193,34 @@ class LMTrainingArguments(TrainingArguments):
     def __post_init__(self):
         check_amp_flags(self)  # before TrainingArguments' own checks, whose messages name no flag
         check_scaling_flags(self)  # --fsdp/--deepspeed: refused where they would not shard (utils/scaling.py)
+        check_counts(self)  # zero batches or accumulation steps would fail deep inside the Trainer
         super().__post_init__()
         if self.fp16 or self.bf16:
             self.fp16_opt_level = self.fp16_opt_level or "O1"
             # The suite's AMP (utils.amp, or apex) does the mixed precision: accelerate's own autocast
             # and GradScaler on top would autocast O2 weights and scale the loss a second time.
             self.mixed_precision = "no"
+
+    def __getstate__(self):
+        # training_args.bin (in every checkpoint and the final model) is a pickle of these
+        # arguments; the hub token must not travel with it. The running process keeps it.
+        state = dict(self.__dict__)
+        state["hub_token"] = None
+        return state
+
+
+_SEED_RANGE = (0, 2**32 - 1)  # what NumPy's seeding accepts
+
+
+def check_counts(args) -> None:
+    """Batch sizes, accumulation steps and seeds that training can use, each refused by its flag."""
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: give a whole number of at least 1")
+    for flag in ("seed", "data_seed"):
+        value = getattr(args, flag)
+        if value is not None and not _SEED_RANGE[0] <= value <= _SEED_RANGE[1]:
+            raise ValueError(f"--{flag} {value}: give a number from 0 to {_SEED_RANGE[1]}")
 
 
 # fp16 O3 keeps Adam's second moments in fp16, where squares of gradients below ~2.4e-4 are 0: the update is

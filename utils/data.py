@@ -123,7 +123,13 @@ def _hold_out_validation(raw, percentage: int):
         return IterableDatasetDict(
             train=train.filter(keep, with_indices=True), validation=train.filter(held, with_indices=True)
         )
-    n_validation = max(1, round(len(train) * percentage / 100))
+    if len(train) < 2:
+        # Nothing to hold out without leaving nothing to train on: no validation split, so that
+        # --do_eval asks for --validation_file (prepare_datasets) while training alone still works.
+        logger.warning("The training data has %d row(s) of text, too few to hold some out for evaluation; "
+                       "pass --validation_file to evaluate", len(train))
+        return raw
+    n_validation = min(max(1, round(len(train) * percentage / 100)), len(train) - 1)
     return DatasetDict(
         train=train.select(range(n_validation, len(train))), validation=train.select(range(n_validation))
     )
@@ -138,7 +144,22 @@ def text_column(dataset, requested: str | None) -> str:
         return requested
     if not columns:
         raise UsageError("the data has no columns: pass --text_column_name")
-    return "text" if "text" in columns else columns[0]
+    column = "text" if "text" in columns else columns[0]
+    _require_text(dataset, column, requested)
+    return column
+
+
+def _require_text(dataset, column: str, requested: str | None) -> None:
+    """A column of numbers (or lists, ...) would fail deep inside the tokenizer."""
+    feature = (dataset.features or {}).get(column)
+    if feature is None or getattr(feature, "dtype", None) in ("string", "large_string"):
+        return
+    kind = getattr(feature, "dtype", None) or type(feature).__name__
+    others = [name for name, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    hint = f"pass --text_column_name with one that holds text ({', '.join(others)})" if others else \
+        "no column holds text: check --train_file / --validation_file"
+    how = f"--text_column_name {column}" if requested else f"the text column ('{column}', taken by default)"
+    raise UsageError(f"{how} holds {kind} values, not text; {hint}")
 
 
 # ----------------------------------------------------------------------- preparation
@@ -158,7 +179,8 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
             continue
         if split not in raw:
             flag = "--train_file" if name == "train" else "--validation_file"
-            raise UsageError(f"--do_{name} needs a {split} split: pass {flag} or a dataset that has one")
+            few = " (the training data has too few rows to hold some out)" if "train" in raw else ""
+            raise UsageError(f"--do_{name} needs a {split} split{few}: pass {flag} or a dataset that has one")
         rows = raw[split]
         if isinstance(rows, IterableDataset) and rows.column_names is None:
             # Streamed local files do not declare their columns: read the first rows to learn them.

@@ -18,23 +18,11 @@ from transformers import TrainerCallback
 from .device import describe_device
 from .results import RUN_INFO, read_json, write_json
 from .speed import effective_batch_size
+from .secrets import mask_command, secret_values
 
 logger = logging.getLogger(__name__)
 
 
-_SECRET_FLAGS = ("--token", "--hub_token")
-
-
-def run_flags(argv: list[str]) -> list[str]:
-    """The flags with hub tokens masked: they are written into run_info.json and the model card, which are shared."""
-    masked = []
-    for arg in argv:
-        if masked and masked[-1] in _SECRET_FLAGS:
-            arg = "***"
-        elif arg.startswith(tuple(f"{flag}=" for flag in _SECRET_FLAGS)):
-            arg = arg.split("=", 1)[0] + "=***"
-        masked.append(arg)
-    return masked
 
 
 def amp_type(args) -> str:
@@ -77,7 +65,9 @@ def describe_run(training_args, model_args, data_args, flags: list[str]) -> None
     """Note on ``training_args`` what run_info.json says about the model, data and command."""
     training_args.run_model = model_label(model_args)
     training_args.run_dataset = dataset_label(data_args)
-    training_args.run_command = [os.path.basename(sys.argv[0]), *run_flags(flags)]
+    # Hub tokens masked by the values the parser found, however they were spelled (utils/secrets.py).
+    secrets = secret_values(model_args, training_args)
+    training_args.run_command = [os.path.basename(sys.argv[0]), *mask_command(flags, secrets)]
 
 
 def run_info(args) -> dict:

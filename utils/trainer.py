@@ -6,6 +6,7 @@ from transformers import Trainer
 from .amp_trainer import MixedPrecisionMixin
 from .checkpoints import save_checkpoint_atomically, save_model_atomically
 from .device import device_name
+from .failures import run_guard
 from .metrics import TokenAccuracy, perplexity
 from .modeling import weigh_loss_by_num_items
 from .reliability import reliability_callbacks, stop_reason
@@ -70,11 +71,13 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
 
 def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | None) -> dict:
     """Train (resuming from ``checkpoint``), save the model, and write train_results.json."""
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with run_guard(trainer):  # unreadable streamed data, a full disk: one line, not a traceback
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = stop_reason(trainer)  # preempted, or a non-finite loss: the checkpoints hold the work
     if stopped is not None:
         raise stopped  # no final model or results that would look like a finished run
-    save_model_atomically(trainer)  # the tokenizer and config are saved with it
+    with run_guard(trainer):
+        save_model_atomically(trainer)  # the tokenizer and config are saved with it
     metrics = dict(result.metrics)
     if n_samples is not None:
         metrics["train_samples"] = n_samples
@@ -89,7 +92,8 @@ def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | 
 
 def evaluate_and_save(trainer: Trainer, n_samples: int | None) -> dict:
     """Evaluate and write eval_results.json with loss, perplexity and accuracy."""
-    metrics = trainer.evaluate()
+    with run_guard(trainer):
+        metrics = trainer.evaluate()
     # The Hugging Face examples report perplexity without the eval_ prefix.
     metrics["perplexity"] = metrics.pop("eval_perplexity", perplexity(metrics["eval_loss"]))
     if n_samples is not None:
