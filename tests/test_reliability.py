@@ -1,8 +1,8 @@
 """Preemption, kills at any moment, exact resume, non-finite losses (utils/reliability.py, utils/checkpoints.py).
 
-The subprocess tests use the test-only fault hook LM_TEST_FAULTS (see utils/reliability.py):
-signals and kills are real (os.kill on the script's own process) but land at a chosen step,
-so the tests are deterministic on a slow shared machine.
+The subprocess tests use the test-only fault plugin (tests/fault_plugin/sitecustomize.py, on
+PYTHONPATH, driven by LM_TEST_FAULTS): signals and kills are real (os.kill on the script's own
+process) but land at a chosen step, so the tests are deterministic on a slow shared machine.
 """
 
 import json
@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from fault_plugin.sitecustomize import planned_faults
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -21,7 +22,9 @@ from conftest import ROOT, TINY, read_json, run_script
 from utils.arguments import LMTrainingArguments
 from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_to_resume
 from utils.errors import UsageError
-from utils.reliability import PreemptionCallback, planned_faults
+from utils.reliability import PreemptionCallback
+
+FAULT_PLUGIN = ROOT / "tests" / "fault_plugin"
 
 # 12 samples of 64 tokens, 4 per step: 3 steps per epoch, so resumes cross epoch boundaries.
 RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_steps", "8",
@@ -32,7 +35,20 @@ RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"
 def train(task, text_files, out, faults="", *extra, eval_too=True):
     evaluation = ["--do_eval", "--validation_file", text_files["valid"]] if eval_too else []
     return run_script(task, *TINY[task], *RUN, *extra, "--train_file", text_files["train"], "--do_train",
-                      *evaluation, "--output_dir", out, check=False, env={"LM_TEST_FAULTS": faults})
+                      *evaluation, "--output_dir", out, check=False, env=with_faults(faults))
+
+
+def with_faults(faults: str, *paths) -> dict:
+    """The environment that loads the test-only fault plugin into the scripts' processes."""
+    return {"LM_TEST_FAULTS": faults, "PYTHONPATH": os.pathsep.join(map(str, (FAULT_PLUGIN, *paths)))}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def losses_by_step(out) -> dict:
@@ -118,10 +134,10 @@ def test_nan_loss_skip_drops_that_update_and_goes_on(text_files, tmp_path):
 def test_under_torchrun_all_processes_stop_after_the_same_step(text_files, tmp_path):
     # Only process 1 gets SIGTERM; both must save checkpoint-3 together and stop with 143.
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(ROOT / "run_clm.py"), *TINY["clm"], *RUN, "--per_device_train_batch_size", "2", "--use_cpu",
                "--train_file", str(text_files["train"]), "--do_train", "--output_dir", str(out)]
-    env = {**os.environ, "LM_TEST_FAULTS": "sigterm@3/1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **with_faults("sigterm@3/1", ROOT), "ACCELERATE_USE_CPU": "true"}
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert process.returncode != 0
     log = process.stdout + process.stderr
@@ -208,8 +224,11 @@ def test_signal_sets_a_flag_and_the_step_end_saves_and_stops():
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # handled: only a flag is set
         callback.on_step_end(args, state, control)
-    finally:
         callback.on_train_end(args, state, control)
+        # The checkpoint is written: further signals (torchrun's shutdown) must not cut the exit short.
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        callback._restore_handlers()
     assert control.should_save and control.should_training_stop and callback.stopped_at == 5
     assert callback.exit_status == 143
     assert signal.getsignal(signal.SIGTERM) == before
@@ -225,7 +244,7 @@ def test_a_second_signal_is_not_caught():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
-        callback.on_train_end(args, state, control)
+        callback._restore_handlers()
         signal.signal(signal.SIGINT, previous)
 
 
