@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from conftest import ROOT, TINY, read_json, run_script
 from utils.arguments import LMTrainingArguments
-from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_to_resume
+from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_problem, checkpoint_to_resume
 from utils.errors import UsageError
 from utils.reliability import PreemptionCallback
 
@@ -252,3 +253,200 @@ def test_fault_plan_reads_steps_and_ranks(monkeypatch):
     monkeypatch.setenv("LM_TEST_FAULTS", "sigterm@3/1, kill@5,nan_loss@2/0")
     monkeypatch.setenv("RANK", "1")
     assert planned_faults() == {"sigterm": 3, "kill": 5}
+
+
+# ---------------------------------------------------------------------------- reruns and the output folder
+
+
+def file_digests(folder) -> dict:
+    """Every file under ``folder`` with its content's hash and its mode."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def overwritten(text_files, tmp_path_factory):
+    """A run stopped at step 5; another command over it with --overwrite_output_dir, stopped at 3, then rerun."""
+    out = tmp_path_factory.mktemp("overwritten") / "out"
+    first = train("clm", text_files, out, "sigterm@5", "--seed", "8")
+    assert first.returncode == 143, first.stderr[-3000:]
+    stopped = train("clm", text_files, out, "sigterm@3", "--overwrite_output_dir")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    after_stop = sorted(p.name for p in out.glob("checkpoint-*"))
+    rerun = train("clm", text_files, out, "", "--overwrite_output_dir")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return {"out": out, "after_stop": after_stop, "rerun": rerun}
+
+
+def test_starting_over_clears_the_earlier_runs_checkpoints(overwritten):
+    # The first run's checkpoint-4 and checkpoint-5 would otherwise be taken by a resume.
+    assert overwritten["after_stop"] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_the_same_overwrite_command_resumes_its_own_checkpoint(overwritten, uninterrupted):
+    out, rerun = overwritten["out"], overwritten["rerun"]
+    assert f"Resuming from {out / 'checkpoint-3'}" in rerun.stdout + rerun.stderr
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert losses_by_step(out) == losses_by_step(uninterrupted)
+
+
+def test_rerunning_a_finished_command_is_a_no_op_that_changes_no_file(overwritten, text_files):
+    out = overwritten["out"]
+    before = file_digests(out)
+    # Shared results: the final model is as readable as every other output (not safetensors' 0600).
+    assert before["model.safetensors"][1] & 0o777 == before["config.json"][1] & 0o777
+    process = train("clm", text_files, out, "", "--overwrite_output_dir")
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stderr.strip().splitlines() == [
+        f"nothing to do: {out} holds the finished run of this same command, left as it is "
+        "(delete the folder or choose another --output_dir to run it again)"]
+    assert file_digests(out) == before
+
+
+def test_an_evaluation_only_run_into_a_finished_folder_is_refused(overwritten, text_files):
+    out = overwritten["out"]
+    before = file_digests(out)
+    process = run_script("clm", *TINY["clm"], "--do_eval", "--validation_file", text_files["valid"],
+                         "--max_eval_samples", "8", "--report_to", "none", "--output_dir", out, check=False)
+    assert process.returncode == 2, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    line = last_line(process)
+    assert line.startswith(f"error: --output_dir {out} holds a finished run of another command")
+    assert "--overwrite_output_dir" in line
+    assert file_digests(out) == before
+
+
+def test_a_sigterm_after_the_last_step_stops_before_evaluating_and_the_rerun_evaluates(uninterrupted, text_files,
+                                                                                       tmp_path):
+    out = tmp_path / "out"
+    process = train("clm", text_files, out, "sigterm_after_last_step")
+    assert process.returncode == 143, process.stderr[-3000:]
+    assert last_line(process).startswith("stopped: SIGTERM received after the last training step; the final model")
+    assert (out / "model.safetensors").is_file() and not (out / "eval_results.json").exists()
+    trained = (out / "train_results.json").read_bytes()
+
+    process = train("clm", text_files, out)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "loading its final model, evaluating only" in process.stdout + process.stderr
+    assert (out / "train_results.json").read_bytes() == trained
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    for key in ("eval_loss", "eval_accuracy", "perplexity"):
+        assert read_json(out / "eval_results.json")[key] == read_json(uninterrupted / "eval_results.json")[key]
+
+
+def test_one_run_at_a_time_and_a_killed_run_leaves_no_stale_lock(text_files, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "run_clm.py"), *TINY["clm"], *RUN, "--report_to", "tensorboard",
+               "--train_file", str(text_files["train"]), "--do_train", "--output_dir", str(out)]
+    holder = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **with_faults("wait@1")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        reached = out / "reached-1-0"
+        for _ in range(3000):
+            if reached.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert reached.exists(), f"the first run ended ({holder.returncode}) before its first step"
+        reached.unlink()
+
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr.strip().splitlines() == [
+            f"error: --output_dir {out} is in use by another run (it holds the folder's lock); wait for it to end, "
+            "or choose another --output_dir"]
+    finally:
+        holder.kill()  # a crash before the first checkpoint: TensorBoard's runs/ is left behind
+        holder.wait()
+    assert (out / "runs").is_dir() and not list(out.glob("checkpoint-*"))
+
+    # The kernel dropped the lock with the process, and runs/ does not make the folder "not empty".
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_json(out / "trainer_state.json")["global_step"] == 8
+
+
+def test_fault_injection_is_not_in_the_shipped_code():
+    shipped = [*ROOT.glob("run_*.py"), *(ROOT / "utils").glob("*.py")]
+    assert [p.name for p in shipped if "LM_TEST_FAULTS" in p.read_text(encoding="utf-8")] == []
+
+
+def test_a_checkpoint_of_an_earlier_run_is_never_resumed_even_after_a_cut_off_clearing(tmp_path, monkeypatch,
+                                                                                       caplog):
+    from utils import checkpoints
+    from utils.run_folder import RunState, write_run_state
+
+    out = tmp_path / "out"
+    for step in (2, 4):
+        fake_checkpoint(out, step)
+    marker = json.loads((out / "checkpoint-4" / COMPLETE_MARKER).read_text())
+    (out / "checkpoint-4" / COMPLETE_MARKER).write_text(json.dumps({**marker, "run_id": "earlier"}))
+    marker = json.loads((out / "checkpoint-2" / COMPLETE_MARKER).read_text())
+    (out / "checkpoint-2" / COMPLETE_MARKER).write_text(json.dumps({**marker, "run_id": "this"}))
+    write_run_state(str(out), RunState("this", "another command"))
+    with caplog.at_level(logging.WARNING, logger="utils"):
+        assert checkpoint_to_resume(args_for(out)) == str(out / "checkpoint-2")
+    assert "checkpoint-4: it belongs to an earlier run in this folder" in caplog.text
+
+    # Starting over, killed after moving the first checkpoint aside: the rest no longer counts.
+    renames = []
+
+    def rename_then_die(source, target):
+        if renames:
+            raise KeyboardInterrupt  # stands for the kill
+        renames.append(source)
+        os.rename(source, target)
+
+    write_run_state(str(out), RunState("this", "another command"))  # so that --overwrite_output_dir starts over
+    monkeypatch.setattr(checkpoints.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_to_resume(args_for(out, overwrite_output_dir=True))
+    monkeypatch.undo()
+    assert list(out.glob("checkpoint-*"))  # the clearing was cut off
+    with pytest.raises(UsageError, match="holds no checkpoint to resume from"):
+        checkpoint_to_resume(args_for(out))
+    assert checkpoint_to_resume(args_for(out, overwrite_output_dir=True)) is None
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-*"))
+
+
+def test_a_small_file_changed_in_place_is_caught_by_its_checksum(tmp_path):
+    path = fake_checkpoint(tmp_path, 3)
+    state = path / "trainer_state.json"
+    state.write_text(state.read_text().replace("3", "7"))  # same size, other content
+    assert "trainer_state.json has changed" in (checkpoint_problem(str(path)) or "")
+
+
+def test_work_folders_of_a_killed_tokenization_are_removed(text_files, tmp_path):
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from conftest import TOKENIZERS
+    from utils.data import prepare_datasets, tokenized_cache_root
+
+    root = tokenized_cache_root(str(tmp_path))
+    host = __import__("socket").gethostname()
+    dead, live = f".build-{2**30 + 7}@{host}-x1y2z3", f".build-{os.getpid()}@{host}-a1b2c3"
+    for name in (dead, live):
+        os.makedirs(os.path.join(root, name, "samples"))
+    data_args = SimpleNamespace(max_train_samples=None, max_eval_samples=None, text_column_name=None,
+                                preprocessing_num_workers=None, overwrite_cache=False, streaming=False)
+    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1,
+                                    main_process_first=lambda desc: __import__("contextlib").nullcontext())
+    rows = Dataset.from_dict({"text": text_files["train"].read_text(encoding="utf-8").splitlines()[:200]})
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
+    prepare_datasets({"train": rows}, tokenizer, data_args, training_args, seq_len=64, cache_dir=str(tmp_path))
+    assert sorted(n for n in os.listdir(root) if n.startswith(".build-")) == [live]
+
+
+@pytest.mark.parametrize("env, needle", [({"NODE_RANK": "1"}, "NODE_RANK=1"), ({"NODE_RANK": "x"}, "NODE_RANK=x"),
+                                         ({"WORLD_SIZE": "two"}, "WORLD_SIZE=two")])
+def test_launcher_checks_node_rank_and_world_size(env, needle, tmp_path):
+    environment = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path / "out"), **env}
+    process = subprocess.run(["bash", str(ROOT / "scripts" / "train_clm_1p.sh")], cwd=tmp_path, env=environment,
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [process.stderr.strip()] and needle in process.stderr
+    assert process.stderr.startswith("error: ") and list(tmp_path.iterdir()) == []
