@@ -28,7 +28,7 @@ FLAGS = [*TINY["clm"], "--per_device_train_batch_size", "2", "--per_device_eval_
 def start(out, text_files, faults="", *extra, **env):
     """The 2-process launcher, in a session (and process group) of its own, as a terminal starts it."""
     environment = {**os.environ, "NPROC_PER_NODE": "2", "DEVICE": "cpu", "AMP_FLAGS": "", "MODEL": "", "DATASET": "",
-                   "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "LM_TEST_FAULTS": faults,
+                   "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "LM_FAULT_PLAN": faults,
                    "PYTHONPATH": str(FAULT_PLUGIN), **env}
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "OUTPUT_DIR", "NODE_RANK", "NNODES"):
         environment.pop(name, None)
@@ -103,3 +103,11 @@ def test_a_killed_worker_restarts_the_group_which_resumes_by_itself(uninterrupte
     assert status == 0, log[-4000:]
     assert f"Resuming from {out}/checkpoint-2" in log
     assert_same_results(out, uninterrupted)
+
+
+def test_a_worker_killed_by_a_stop_signal_never_reports_a_saved_checkpoint():
+    from utils import torchrun
+
+    assert torchrun.exit_status(143) == 143 and torchrun.exit_status(2) == 2  # the worker's own status
+    assert torchrun.exit_status(-signal.SIGTERM) == 1 and torchrun.exit_status(-signal.SIGINT) == 1
+    assert torchrun.exit_status(-signal.SIGKILL) == 137

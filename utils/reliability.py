@@ -4,7 +4,8 @@
   the current optimizer step is finished, a checkpoint is written and training stops; the
   script then exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT)
   without saving a final model or evaluating. Running the same command again resumes from
-  that checkpoint. A second signal stops at once, without a checkpoint. A signal that comes
+  that checkpoint. A second signal (a second or more after the first) stops at once, without a
+  checkpoint. A signal that comes
   after the last step is kept (``signal_after_training``): the script then writes the final
   model and stops before evaluating. Once a stop checkpoint is written, further signals are
   ignored: all that is left is to say so and exit (torchrun's own shutdown signal must not cut
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_NONFINITE_LOSS = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SAME_STOP_SECONDS = 1.0  # a repeat within this time is the same stop, not a second signal
 
 
 def any_process(flag: bool, args) -> bool:
@@ -70,8 +73,10 @@ class PreemptionCallback(TrainerCallback):
     def _on_signal(self, signum, frame):
         # Only set a flag: the training loop acts on it between steps, where the state is consistent.
         if self.received is None:
-            self.received = signum
+            self.received, self._received_at = signum, time.monotonic()
             return
+        if time.monotonic() - self._received_at < SAME_STOP_SECONDS:
+            return  # the same stop, delivered twice (to every process by systemd/Slurm, then by torchrun)
         # A second signal: the sender insists. Act as if we had never caught it (no checkpoint).
         self._restore_handlers()
         signal.raise_signal(signum)

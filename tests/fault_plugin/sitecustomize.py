@@ -3,10 +3,10 @@
 A test puts this folder on PYTHONPATH; Python imports ``sitecustomize`` at start-up in every
 process (the scripts, torchrun, the launcher's helpers). Nothing happens until the suite's
 ``utils.trainer`` is imported: then every LMTrainer gets ``FaultInjectionCallback`` and the
-checkpoint publishing step gets a kill point. Without this folder on the path, LM_TEST_FAULTS
+checkpoint publishing step gets a kill point. Without this folder on the path, LM_FAULT_PLAN
 means nothing.
 
-LM_TEST_FAULTS holds comma-separated ``EVENT@STEP`` entries, ``EVENT@STEP/RANK`` for one process
+LM_FAULT_PLAN holds comma-separated ``EVENT@STEP`` entries, ``EVENT@STEP/RANK`` for one process
 only. Events, at the end of optimizer step STEP unless said otherwise:
 
 * ``sigterm``, ``sigint``: that signal to this process.
@@ -27,11 +27,11 @@ import signal
 import sys
 import time
 
-FAULTS_ENV = "LM_TEST_FAULTS"
+FAULTS_ENV = "LM_FAULT_PLAN"
 
 
 def planned_faults() -> dict[str, int]:
-    """``{event: step}`` from LM_TEST_FAULTS for this process."""
+    """``{event: step}`` from LM_FAULT_PLAN for this process."""
     faults = {}
     rank = os.environ.get("RANK", "0")
     for entry in filter(None, os.environ.get(FAULTS_ENV, "").replace(" ", "").split(",")):
