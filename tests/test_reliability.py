@@ -23,8 +23,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from conftest import ROOT, TINY, read_json, run_script
 from utils.arguments import LMTrainingArguments
 from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_problem, checkpoint_to_resume
-from utils.errors import UsageError
 from utils import reliability
+from utils.errors import UsageError
 from utils.reliability import PreemptionCallback
 
 FAULT_PLUGIN = ROOT / "tests" / "fault_plugin"
@@ -299,14 +299,20 @@ def test_the_same_overwrite_command_resumes_its_own_checkpoint(overwritten, unin
 def test_rerunning_a_finished_command_is_a_no_op_that_changes_no_file(overwritten, text_files):
     out = overwritten["out"]
     before = file_digests(out)
-    # Shared results: the final model is as readable as every other output (not safetensors' 0600).
-    assert before["model.safetensors"][1] & 0o777 == before["config.json"][1] & 0o777
     process = train("clm", text_files, out, "", "--overwrite_output_dir")
     assert process.returncode == 0, process.stderr[-3000:]
     assert process.stderr.strip().splitlines() == [
         f"nothing to do: {out} holds the finished run of this same command, left as it is "
         "(delete the folder or choose another --output_dir to run it again)"]
     assert file_digests(out) == before
+
+
+def test_the_final_model_is_as_readable_as_every_other_output(overwritten):
+    # Shared results on a cluster: not safetensors' private 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: mode & 0o777 for name, (_, mode) in file_digests(overwritten["out"]).items()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~umask
 
 
 def test_an_evaluation_only_run_into_a_finished_folder_is_refused(overwritten, text_files):
@@ -381,7 +387,9 @@ def test_fault_injection_is_not_in_the_shipped_code():
 def test_a_checkpoint_of_an_earlier_run_is_never_resumed_even_after_a_cut_off_clearing(tmp_path, monkeypatch,
                                                                                        caplog):
     from utils import checkpoints
-    from utils.run_folder import RunState, write_run_state
+
+    def write_run_state(folder, run_id, command):
+        (out / "run_state.json").write_text(json.dumps({"run_id": run_id, "command": command, "stage": "training"}))
 
     out = tmp_path / "out"
     for step in (2, 4):
@@ -390,7 +398,7 @@ def test_a_checkpoint_of_an_earlier_run_is_never_resumed_even_after_a_cut_off_cl
     (out / "checkpoint-4" / COMPLETE_MARKER).write_text(json.dumps({**marker, "run_id": "earlier"}))
     marker = json.loads((out / "checkpoint-2" / COMPLETE_MARKER).read_text())
     (out / "checkpoint-2" / COMPLETE_MARKER).write_text(json.dumps({**marker, "run_id": "this"}))
-    write_run_state(str(out), RunState("this", "another command"))
+    write_run_state(out, "this", "another command")
     with caplog.at_level(logging.WARNING, logger="utils"):
         assert checkpoint_to_resume(args_for(out)) == str(out / "checkpoint-2")
     assert "checkpoint-4: it belongs to an earlier run in this folder" in caplog.text
@@ -404,15 +412,19 @@ def test_a_checkpoint_of_an_earlier_run_is_never_resumed_even_after_a_cut_off_cl
         renames.append(source)
         os.rename(source, target)
 
-    write_run_state(str(out), RunState("this", "another command"))  # so that --overwrite_output_dir starts over
+    write_run_state(out, "this", "another command")  # so that --overwrite_output_dir starts over
+    from utils.checkpoints import begin_run
+
     monkeypatch.setattr(checkpoints.os, "rename", rename_then_die)
+    assert checkpoint_to_resume(args_for(out, overwrite_output_dir=True)) is None
     with pytest.raises(KeyboardInterrupt):
-        checkpoint_to_resume(args_for(out, overwrite_output_dir=True))
+        begin_run()  # what train_and_save does before the first step
     monkeypatch.undo()
     assert list(out.glob("checkpoint-*"))  # the clearing was cut off
     with pytest.raises(UsageError, match="holds no checkpoint to resume from"):
         checkpoint_to_resume(args_for(out))
     assert checkpoint_to_resume(args_for(out, overwrite_output_dir=True)) is None
+    begin_run()
     assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-*"))
 
 

@@ -22,7 +22,8 @@ import shutil
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .errors import UsageError
-from .run_folder import RUN_STATE, TRAINING, RunStart, claim_output_dir, current_run_id, current_umask
+from .run_folder import (RUN_STATE, TRAINING, RunStart, claim_output_dir, claimed_run, current_run_id,
+                         current_umask)
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,28 @@ def checkpoint_to_resume(training_args) -> str | None:
     """The checkpoint to resume from; refuses to write into a non-empty --output_dir that has none.
 
     Also checks, before any work, that --output_dir can be written (training or not), and takes
-    the folder's lock (utils/run_folder.py). The writing process decides first; the others then
-    find what it recorded.
+    the folder's lock (utils/run_folder.py), the writing process first. Nothing is written yet:
+    every process comes to the same decision, and ``begin_run`` records it once the inputs are
+    known to be good.
     """
     check_output_dir(training_args.output_dir)
     with training_args.main_process_first(local=False, desc="claiming --output_dir"):
         run = claim_output_dir(training_args)
-        checkpoint = _resume_point(training_args, run)
-        if run.start_over and run.writes:
-            run.commit()  # first the new run's id: old checkpoints no longer count, even if the clearing is cut off
-            _clear_checkpoints(training_args.output_dir)
-        run.commit()
-    return checkpoint
+        return _resume_point(training_args, run)
+
+
+def begin_run() -> None:
+    """Before the first step: record the run; starting over, then clear the old run's checkpoints.
+
+    The new run's id is on disk first, so a kill during the clearing leaves old checkpoints that
+    no longer count, never a mix of two runs.
+    """
+    run = claimed_run()
+    if run is None or not run.writes:
+        return
+    run.commit()
+    if run.start_over:
+        _clear_checkpoints(run.output_dir)
 
 
 def _resume_point(training_args, run: RunStart) -> str | None:

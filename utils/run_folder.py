@@ -130,9 +130,17 @@ def claim_output_dir(training_args) -> RunStart:
         state = RunState(uuid.uuid4().hex[:12], command)
     else:
         state = RunState(state.run_id, command, state.stage)  # the run goes on under this command
-    start = RunStart(output_dir, state, start_over, writes)
+    # An evaluation-only run keeps the record of a training run it evaluates into (with
+    # --overwrite_output_dir over a finished one): it must not mark that run finished.
+    records = writes and (training_args.do_train or start_over or read_run_state(output_dir) is None)
+    start = RunStart(output_dir, state, start_over, records)
     _claim["start"] = start
     return start
+
+
+def claimed_run() -> RunStart | None:
+    """What ``claim_output_dir`` decided in this process, if it ran."""
+    return _claim.get("start")
 
 
 def training_done(output_dir: str) -> bool:

@@ -8,7 +8,7 @@ from transformers import Trainer
 
 from . import run_folder
 from .amp_trainer import MixedPrecisionMixin
-from .checkpoints import AtomicCheckpointsMixin, newest_complete_checkpoint, save_model_atomically
+from .checkpoints import AtomicCheckpointsMixin, begin_run, newest_complete_checkpoint, save_model_atomically
 from .errors import TrainingStopped
 from .metrics import TokenAccuracy, perplexity
 from .reliability import (EXIT_NONFINITE_LOSS, NonFiniteLossCallback, PreemptionCallback, SignalSafeLoadersMixin,
@@ -65,6 +65,7 @@ def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | 
     """Train (resuming from ``checkpoint``), save the model, and write train_results.json."""
     if run_folder.training_done(trainer.args.output_dir):
         return _trained_before(trainer)
+    begin_run()  # the run's record in --output_dir; starting over, the old checkpoints go
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = stop_reason(trainer)  # preempted, or a non-finite loss: the checkpoints hold the work
     if stopped is not None:
