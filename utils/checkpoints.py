@@ -77,8 +77,10 @@ def _resume_point(training_args, run: RunStart) -> str | None:
     output_dir = training_args.output_dir
     if run.start_over or not os.path.isdir(output_dir):
         return None
-    last = newest_complete_checkpoint(output_dir, run_id=run.run_id)
+    last = newest_complete_checkpoint(output_dir, run_id=run.run_id if run.recorded else None)
     if last is not None:
+        # A folder without a record (checkpoints copied in, an older version): go on as that run.
+        run.state.run_id = run.run_id if run.recorded else _marker(last).get("run_id") or run.run_id
         logger.info("Resuming from %s (%s)", last, "the same command as the run there" if training_args.overwrite_output_dir
                     else "add --overwrite_output_dir to start over")
         return last

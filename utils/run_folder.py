@@ -55,6 +55,7 @@ class RunStart:
     state: RunState
     start_over: bool  # step 0, whatever checkpoints the folder holds (they are cleared)
     writes: bool
+    recorded: bool = True  # the folder had a record; without one (copied checkpoints) any checkpoint may be resumed
 
     @property
     def run_id(self) -> str:
@@ -133,7 +134,7 @@ def claim_output_dir(training_args) -> RunStart:
     # An evaluation-only run keeps the record of a training run it evaluates into (with
     # --overwrite_output_dir over a finished one): it must not mark that run finished.
     records = writes and (training_args.do_train or start_over or read_run_state(output_dir) is None)
-    start = RunStart(output_dir, state, start_over, records)
+    start = RunStart(output_dir, state, start_over, records, recorded=read_run_state(output_dir) is not None)
     _claim["start"] = start
     return start
 
