@@ -152,7 +152,9 @@ cmd=(
     "$ROOT/run_${TASK}.py" "${flags[@]}"
 )
 if ((MAX_RESTARTS > 0)); then
-    # The default (static) rendezvous cannot start a group twice; c10d's can.
+    # The default (static) rendezvous cannot start a group twice; c10d's can. Each attempt's
+    # processes get a store of their own, so that none reads an address left by a killed one.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     cmd=("${cmd[@]:0:3}" --max-restarts="$MAX_RESTARTS" --rdzv-backend=c10d
          --rdzv-endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" --rdzv-id="${RDZV_ID:-lm-$TASK}"
          "${cmd[@]:3}")
