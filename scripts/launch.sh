@@ -17,6 +17,9 @@
 #                    more than the visible CUDA/NPU devices stops with an error, CPU takes any
 #   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   torchrun multi-node settings (1 0 127.0.0.1, and a free
 #                    port on one node, 29500 on several; a port taken on node 0 stops with an error)
+#   MAX_RESTARTS     restart the processes up to N times when one crashes or is killed (default 0);
+#                    they resume from the newest complete checkpoint. Uses torchrun's c10d
+#                    rendezvous at MASTER_ADDR:MASTER_PORT, which allows restarts (RDZV_ID names the job)
 #   DEVICE           npu | cuda | cpu; unset takes the first usable of NPU, CUDA, CPU.
 #                    npu sources scripts/env_npu.sh. Passed on to Python as LM_DEVICE.
 #   MODEL            --model_name_or_path (default per task)
@@ -32,7 +35,12 @@
 # Bad settings (DEVICE, NPROC_PER_NODE above the visible devices, ...) stop it before torchrun
 # starts, with one "error: ..." line and exit status 2. A run that fails or stops ends with one
 # "error: run_TASK.py failed (exit N): REASON" line and the worker's own status N (2 bad input,
-# 3 non-finite loss, 143 stopped by SIGTERM with a checkpoint saved: run the same command again).
+# 3 non-finite loss). A stop ends with "stopped: ..." and 143 (SIGTERM) or 130 (SIGINT): the work
+# is saved, run the same command again to resume.
+#
+# Ctrl+C, `timeout`, systemd and Slurm signal the whole process group. This script and its `tee`
+# outlive that signal: torchrun passes it on to the workers once, every rank checkpoints, and the
+# log keeps every line up to the last (utils/torchrun.py). A second signal stops at once.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -82,6 +90,12 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$NPROC_PER_NODE: give a positive whole number"
 [[ $NNODES =~ ^[1-9][0-9]*$ ]] || die "NNODES=$NNODES: give a positive whole number"
+[[ $NODE_RANK =~ ^[0-9]+$ ]] && ((NODE_RANK < NNODES)) ||
+    die "NODE_RANK=$NODE_RANK: give this node's number, from 0 to NNODES-1 ($((NNODES - 1)))"
+[[ -z ${WORLD_SIZE-} || $WORLD_SIZE =~ ^[1-9][0-9]*$ ]] ||
+    die "WORLD_SIZE=$WORLD_SIZE: give a positive whole number, or unset it (torchrun sets it for the processes)"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS: give a whole number of restarts (0: none)"
 devices="$((NPROC_PER_NODE * NNODES))p"
 
 DEVICE="${DEVICE:-${LM_DEVICE:-}}"
@@ -155,6 +169,14 @@ cmd=(
     --master_port="$master_port"
     "$ROOT/run_${TASK}.py" "${flags[@]}"
 )
+if ((MAX_RESTARTS > 0)); then
+    # The default (static) rendezvous cannot start a group twice; c10d's can. Each attempt's
+    # processes get a store of their own, so that none reads an address left by a killed one.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    cmd=("${cmd[@]:0:3}" --max-restarts="$MAX_RESTARTS" --rdzv-backend=c10d
+         --rdzv-endpoint="${MASTER_ADDR:-127.0.0.1}:$master_port" --rdzv-id="${RDZV_ID:-lm-$TASK}"
+         "${cmd[@]:3}")
+fi
 
 # The log lives in the output folder from the start; a resumed run appends to it. The run
 # itself ignores this file when it checks that --output_dir holds nothing it could overwrite.
@@ -166,15 +188,22 @@ log="$output_dir/train${node_suffix}.log"
 
 status=0
 log_start=$(($(stat -c %s "$log" 2>/dev/null || echo 0) + 1))  # where this run's part of the log begins
-{
-    echo "device: $device, $devices"
-    echo "command: $("$PYTHON" -m utils.secrets "${cmd[@]}")"  # hub tokens masked (utils/secrets.py)
-    "${cmd[@]}"
-} 2>&1 | tee -a "$log" || status=$?
+printf 'device: %s, %s\ncommand: %s\n' "$device" "$devices" "$("$PYTHON" -m utils.secrets "${cmd[@]}")" |
+    tee -a "$log"  # hub tokens masked (utils/secrets.py)
+# A SIGINT/SIGTERM to the process group: torchrun hands it to the workers and waits for their
+# checkpoint; this script waits for torchrun, and tee ignores it so that no line is lost.
+trap : INT TERM  # not ignored: the processes started here get the default handling back
+"${cmd[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$log") || status=$?
+trap - INT TERM
 if ((status != 0)); then
     # Name the run's own one-line reason (error: ... / stopped: ...), not only its status.
-    reason=$(tail -c +"$log_start" "$log" | grep -m1 -E '^(error|stopped): ' | sed -E 's/^(error|stopped): //' || true)
-    echo "error: run_${TASK}.py failed (exit $status)${reason:+: $reason}; see $log" >&2
+    line=$(tail -c +"$log_start" "$log" | grep -m1 -E '^(error|stopped): ' || true)
+    reason=$(sed -E 's/^(error|stopped): //' <<<"$line")
+    if [[ $line == stopped:* ]] && ((status == 130 || status == 143)); then
+        echo "stopped: run_${TASK}.py (exit $status): $reason; see $log" >&2
+    else
+        echo "error: run_${TASK}.py failed (exit $status)${reason:+: $reason}; see $log" >&2
+    fi
     exit "$status"
 fi
 

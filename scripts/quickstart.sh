@@ -6,6 +6,8 @@
 #   bash scripts/quickstart.sh [extra run_clm.py flags, which win over the ones below]
 #
 # Everything is local: the GPT-2 tokenizer and the text ship in data/, and the hub is not used.
+# Stopped (Ctrl+C), it resumes from its last checkpoint when run again; finished, running it
+# again changes nothing (--overwrite_output_dir starts over only for other flags or MAX_STEPS).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

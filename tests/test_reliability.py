@@ -1,27 +1,33 @@
 """Preemption, kills at any moment, exact resume, non-finite losses (utils/reliability.py, utils/checkpoints.py).
 
-The subprocess tests use the test-only fault hook LM_TEST_FAULTS (see utils/reliability.py):
-signals and kills are real (os.kill on the script's own process) but land at a chosen step,
-so the tests are deterministic on a slow shared machine.
+The subprocess tests use the test-only fault plugin (tests/fault_plugin/sitecustomize.py, on
+PYTHONPATH, driven by LM_FAULT_PLAN): signals and kills are real (os.kill on the script's own
+process) but land at a chosen step, so the tests are deterministic on a slow shared machine.
 """
 
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from fault_plugin.sitecustomize import planned_faults
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from conftest import ROOT, TINY, read_json, run_script
 from utils.arguments import LMTrainingArguments
-from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_to_resume
+from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_problem, checkpoint_to_resume
+from utils import reliability
 from utils.errors import UsageError
-from utils.reliability import PreemptionCallback, planned_faults
+from utils.reliability import PreemptionCallback
+
+FAULT_PLUGIN = ROOT / "tests" / "fault_plugin"
 
 # 12 samples of 64 tokens, 4 per step: 3 steps per epoch, so resumes cross epoch boundaries.
 RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_steps", "8",
@@ -32,7 +38,20 @@ RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"
 def train(task, text_files, out, faults="", *extra, eval_too=True):
     evaluation = ["--do_eval", "--validation_file", text_files["valid"]] if eval_too else []
     return run_script(task, *TINY[task], *RUN, *extra, "--train_file", text_files["train"], "--do_train",
-                      *evaluation, "--output_dir", out, check=False, env={"LM_TEST_FAULTS": faults})
+                      *evaluation, "--output_dir", out, check=False, env=with_faults(faults))
+
+
+def with_faults(faults: str, *paths) -> dict:
+    """The environment that loads the test-only fault plugin into the scripts' processes."""
+    return {"LM_FAULT_PLAN": faults, "PYTHONPATH": os.pathsep.join(map(str, (FAULT_PLUGIN, *paths)))}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def losses_by_step(out) -> dict:
@@ -118,10 +137,10 @@ def test_nan_loss_skip_drops_that_update_and_goes_on(text_files, tmp_path):
 def test_under_torchrun_all_processes_stop_after_the_same_step(text_files, tmp_path):
     # Only process 1 gets SIGTERM; both must save checkpoint-3 together and stop with 143.
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(ROOT / "run_clm.py"), *TINY["clm"], *RUN, "--per_device_train_batch_size", "2", "--use_cpu",
                "--train_file", str(text_files["train"]), "--do_train", "--output_dir", str(out)]
-    env = {**os.environ, "LM_TEST_FAULTS": "sigterm@3/1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **with_faults("sigterm@3/1", ROOT), "ACCELERATE_USE_CPU": "true"}
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert process.returncode != 0
     log = process.stdout + process.stderr
@@ -208,8 +227,11 @@ def test_signal_sets_a_flag_and_the_step_end_saves_and_stops():
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # handled: only a flag is set
         callback.on_step_end(args, state, control)
-    finally:
         callback.on_train_end(args, state, control)
+        # The checkpoint is written: further signals (torchrun's shutdown) must not cut the exit short.
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        callback._restore_handlers()
     assert control.should_save and control.should_training_stop and callback.stopped_at == 5
     assert callback.exit_status == 143
     assert signal.getsignal(signal.SIGTERM) == before
@@ -222,14 +244,227 @@ def test_a_second_signal_is_not_caught():
     try:
         callback.on_train_begin(args, state, control)
         os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # at once: the same stop delivered twice (systemd, then torchrun)
+        callback._received_at -= reliability.SAME_STOP_SECONDS
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
-        callback.on_train_end(args, state, control)
+        callback._restore_handlers()
         signal.signal(signal.SIGINT, previous)
 
 
 def test_fault_plan_reads_steps_and_ranks(monkeypatch):
-    monkeypatch.setenv("LM_TEST_FAULTS", "sigterm@3/1, kill@5,nan_loss@2/0")
+    monkeypatch.setenv("LM_FAULT_PLAN", "sigterm@3/1, kill@5,nan_loss@2/0")
     monkeypatch.setenv("RANK", "1")
     assert planned_faults() == {"sigterm": 3, "kill": 5}
+
+
+# ---------------------------------------------------------------------------- reruns and the output folder
+
+
+def file_digests(folder) -> dict:
+    """Every file under ``folder`` with its content's hash and its mode."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def overwritten(text_files, tmp_path_factory):
+    """A run stopped at step 5; another command over it with --overwrite_output_dir, stopped at 3, then rerun."""
+    out = tmp_path_factory.mktemp("overwritten") / "out"
+    first = train("clm", text_files, out, "sigterm@5", "--seed", "8")
+    assert first.returncode == 143, first.stderr[-3000:]
+    stopped = train("clm", text_files, out, "sigterm@3", "--overwrite_output_dir")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    after_stop = sorted(p.name for p in out.glob("checkpoint-*"))
+    rerun = train("clm", text_files, out, "", "--overwrite_output_dir")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return {"out": out, "after_stop": after_stop, "rerun": rerun}
+
+
+def test_starting_over_clears_the_earlier_runs_checkpoints(overwritten):
+    # The first run's checkpoint-4 and checkpoint-5 would otherwise be taken by a resume.
+    assert overwritten["after_stop"] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_the_same_overwrite_command_resumes_its_own_checkpoint(overwritten, uninterrupted):
+    out, rerun = overwritten["out"], overwritten["rerun"]
+    assert f"Resuming from {out / 'checkpoint-3'}" in rerun.stdout + rerun.stderr
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert losses_by_step(out) == losses_by_step(uninterrupted)
+
+
+def test_rerunning_a_finished_command_is_a_no_op_that_changes_no_file(overwritten, text_files):
+    out = overwritten["out"]
+    before = file_digests(out)
+    process = train("clm", text_files, out, "", "--overwrite_output_dir")
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stderr.strip().splitlines() == [
+        f"nothing to do: {out} holds the finished run of this same command, left as it is "
+        "(delete the folder or choose another --output_dir to run it again)"]
+    assert file_digests(out) == before
+
+
+def test_the_final_model_is_as_readable_as_every_other_output(overwritten):
+    # Shared results on a cluster: not safetensors' private 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: mode & 0o777 for name, (_, mode) in file_digests(overwritten["out"]).items()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~umask
+
+
+def test_an_evaluation_only_run_into_a_finished_folder_is_refused(overwritten, text_files):
+    out = overwritten["out"]
+    before = file_digests(out)
+    process = run_script("clm", *TINY["clm"], "--do_eval", "--validation_file", text_files["valid"],
+                         "--max_eval_samples", "8", "--report_to", "none", "--output_dir", out, check=False)
+    assert process.returncode == 2, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    line = last_line(process)
+    assert line.startswith(f"error: --output_dir {out} holds a finished run of another command")
+    assert "--overwrite_output_dir" in line
+    assert file_digests(out) == before
+
+
+def test_a_sigterm_after_the_last_step_stops_before_evaluating_and_the_rerun_evaluates(uninterrupted, text_files,
+                                                                                       tmp_path):
+    out = tmp_path / "out"
+    process = train("clm", text_files, out, "sigterm_after_last_step")
+    assert process.returncode == 143, process.stderr[-3000:]
+    assert last_line(process).startswith("stopped: SIGTERM received after the last training step; the final model")
+    assert (out / "model.safetensors").is_file() and not (out / "eval_results.json").exists()
+    trained = (out / "train_results.json").read_bytes()
+
+    process = train("clm", text_files, out)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "loading its final model, evaluating only" in process.stdout + process.stderr
+    assert (out / "train_results.json").read_bytes() == trained
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    for key in ("eval_loss", "eval_accuracy", "perplexity"):
+        assert read_json(out / "eval_results.json")[key] == read_json(uninterrupted / "eval_results.json")[key]
+
+
+def test_one_run_at_a_time_and_a_killed_run_leaves_no_stale_lock(text_files, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "run_clm.py"), *TINY["clm"], *RUN, "--report_to", "tensorboard",
+               "--train_file", str(text_files["train"]), "--do_train", "--output_dir", str(out)]
+    holder = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **with_faults("wait@1")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        reached = out / "reached-1-0"
+        for _ in range(3000):
+            if reached.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert reached.exists(), f"the first run ended ({holder.returncode}) before its first step"
+        reached.unlink()
+
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr.strip().splitlines() == [
+            f"error: --output_dir {out} is in use by another run (it holds the folder's lock); wait for it to end, "
+            "or choose another --output_dir"]
+    finally:
+        holder.kill()  # a crash before the first checkpoint: TensorBoard's runs/ is left behind
+        holder.wait()
+    assert (out / "runs").is_dir() and not list(out.glob("checkpoint-*"))
+
+    # The kernel dropped the lock with the process, and runs/ does not make the folder "not empty".
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_json(out / "trainer_state.json")["global_step"] == 8
+
+
+def test_fault_injection_is_not_in_the_shipped_code():
+    # Neither the variable the scripts once honoured nor the plugin's: only the plugin injects faults.
+    shipped = [*ROOT.glob("run_*.py"), *(ROOT / "utils").glob("*.py"), *(ROOT / "scripts").glob("*")]
+    pattern = re.compile("LM_TEST_FAULTS|LM_FAULT_PLAN|fault_point|FaultInjection")
+    assert [p.name for p in shipped if pattern.search(p.read_text(encoding="utf-8"))] == []
+
+
+def test_a_checkpoint_of_an_earlier_run_is_never_resumed_even_after_a_cut_off_clearing(tmp_path, monkeypatch,
+                                                                                       caplog):
+    from utils import checkpoints
+
+    def write_run_state(folder, run_id, command):
+        (out / "run_state.json").write_text(json.dumps({"run_id": run_id, "command": command, "stage": "training"}))
+
+    out = tmp_path / "out"
+    for step in (2, 4):
+        fake_checkpoint(out, step)
+    marker = json.loads((out / "checkpoint-4" / COMPLETE_MARKER).read_text())
+    (out / "checkpoint-4" / COMPLETE_MARKER).write_text(json.dumps({**marker, "run_id": "earlier"}))
+    marker = json.loads((out / "checkpoint-2" / COMPLETE_MARKER).read_text())
+    (out / "checkpoint-2" / COMPLETE_MARKER).write_text(json.dumps({**marker, "run_id": "this"}))
+    write_run_state(out, "this", "another command")
+    with caplog.at_level(logging.WARNING, logger="utils"):
+        assert checkpoint_to_resume(args_for(out)) == str(out / "checkpoint-2")
+    assert "checkpoint-4: it belongs to an earlier run in this folder" in caplog.text
+
+    # Starting over, killed after moving the first checkpoint aside: the rest no longer counts.
+    renames = []
+
+    def rename_then_die(source, target):
+        if renames:
+            raise KeyboardInterrupt  # stands for the kill
+        renames.append(source)
+        os.rename(source, target)
+
+    write_run_state(out, "this", "another command")  # so that --overwrite_output_dir starts over
+    from utils.checkpoints import begin_run
+
+    monkeypatch.setattr(checkpoints.os, "rename", rename_then_die)
+    assert checkpoint_to_resume(args_for(out, overwrite_output_dir=True)) is None
+    with pytest.raises(KeyboardInterrupt):
+        begin_run()  # what train_and_save does before the first step
+    monkeypatch.undo()
+    assert list(out.glob("checkpoint-*"))  # the clearing was cut off
+    with pytest.raises(UsageError, match="holds no checkpoint to resume from"):
+        checkpoint_to_resume(args_for(out))
+    assert checkpoint_to_resume(args_for(out, overwrite_output_dir=True)) is None
+    begin_run()
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-*"))
+
+
+def test_a_small_file_changed_in_place_is_caught_by_its_checksum(tmp_path):
+    path = fake_checkpoint(tmp_path, 3)
+    state = path / "trainer_state.json"
+    state.write_text(state.read_text().replace("3", "7"))  # same size, other content
+    assert "trainer_state.json has changed" in (checkpoint_problem(str(path)) or "")
+
+
+def test_work_folders_of_a_killed_tokenization_are_removed(text_files, tmp_path):
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from conftest import TOKENIZERS
+    from utils.data import prepare_datasets, tokenized_cache_root
+
+    root = tokenized_cache_root(str(tmp_path))
+    host = __import__("socket").gethostname()
+    dead, live = f".build-{2**30 + 7}@{host}-x1y2z3", f".build-{os.getpid()}@{host}-a1b2c3"
+    for name in (dead, live):
+        os.makedirs(os.path.join(root, name, "samples"))
+    data_args = SimpleNamespace(max_train_samples=None, max_eval_samples=None, text_column_name=None,
+                                preprocessing_num_workers=None, overwrite_cache=False, streaming=False)
+    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1,
+                                    main_process_first=lambda desc: __import__("contextlib").nullcontext())
+    rows = Dataset.from_dict({"text": text_files["train"].read_text(encoding="utf-8").splitlines()[:200]})
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
+    prepare_datasets({"train": rows}, tokenizer, data_args, training_args, seq_len=64, cache_dir=str(tmp_path))
+    assert sorted(n for n in os.listdir(root) if n.startswith(".build-")) == [live]
+
+
+@pytest.mark.parametrize("env, needle", [({"NODE_RANK": "1"}, "NODE_RANK=1"), ({"NODE_RANK": "x"}, "NODE_RANK=x"),
+                                         ({"WORLD_SIZE": "two"}, "WORLD_SIZE=two")])
+def test_launcher_checks_node_rank_and_world_size(env, needle, tmp_path):
+    environment = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path / "out"), **env}
+    process = subprocess.run(["bash", str(ROOT / "scripts" / "train_clm_1p.sh")], cwd=tmp_path, env=environment,
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [process.stderr.strip()] and needle in process.stderr
+    assert process.stderr.startswith("error: ") and list(tmp_path.iterdir()) == []

@@ -5,10 +5,14 @@ saving code, pointed at a staging folder), its files are flushed to disk, a mark
 every file and its size (``checkpoint_complete.json``) is written last, and only then is it
 renamed to ``OUTPUT_DIR/checkpoint-N``; old checkpoints are rotated out after that. A kill at
 any moment therefore leaves the previous checkpoints as they were, plus at most a ``tmp-``
-folder that the next save removes. Resuming takes the newest checkpoint whose marker matches
-its files and says which ones it skipped.
+folder that the next save removes. The marker also holds the run's id (utils/run_folder.py) and
+a checksum of every small file. Resuming takes the newest checkpoint of this run whose marker
+matches its files and says which ones it skipped. Starting over (--overwrite_output_dir) records
+the new run first and then clears the old run's checkpoints, so a kill in between leaves old
+checkpoints that no longer count, never a mix.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +22,8 @@ import shutil
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .errors import UsageError
-from .reliability import fault_point
+from .run_folder import (RUN_STATE, TRAINING, RunStart, claim_output_dir, claimed_run, current_run_id,
+                         current_umask)
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +31,11 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 STAGING_PREFIX = "tmp-"
 # What a run leaves in --output_dir that is not a result to protect: the launchers' logs, the
-# run_info.json written at every start, and our own staging folders cut off by a kill.
-NOT_RESULTS = re.compile(r"train(_node\d+)?\.log|run_info\.json|tmp-checkpoint-\d+(-old)?|tmp-model")
+# run_info.json written at every start, our own staging folders cut off by a kill, the run's
+# record, and TensorBoard's runs/ of a run killed before its first checkpoint.
+NOT_RESULTS = re.compile(r"train(_node\d+)?\.log|run_info\.json|tmp-checkpoint-\d+(-old)?|tmp-model"
+                         rf"|tmp-old-checkpoint-\d+|{re.escape(RUN_STATE)}(\.tmp)?|runs")
+CHECKSUM_MAX_BYTES = 1 << 20  # files up to this size get a checksum in the marker (json, RNG states, ...)
 
 
 # ---------------------------------------------------------------------------- resuming
@@ -36,20 +44,49 @@ NOT_RESULTS = re.compile(r"train(_node\d+)?\.log|run_info\.json|tmp-checkpoint-\
 def checkpoint_to_resume(training_args) -> str | None:
     """The checkpoint to resume from; refuses to write into a non-empty --output_dir that has none.
 
-    Also checks, before any work, that --output_dir can be written (training or not).
+    Also checks, before any work, that --output_dir can be written (training or not), and takes
+    the folder's lock (utils/run_folder.py), the writing process first. Nothing is written yet:
+    every process comes to the same decision, and ``begin_run`` records it once the inputs are
+    known to be good.
     """
     check_output_dir(training_args.output_dir)
-    if not training_args.do_train:
-        return None
+    with training_args.main_process_first(local=False, desc="claiming --output_dir"):
+        run = claim_output_dir(training_args)
+        return _resume_point(training_args, run)
+
+
+def begin_run() -> None:
+    """Before the first step: record the run; starting over, then clear the old run's checkpoints.
+
+    The new run's id is on disk first, so a kill during the clearing leaves old checkpoints that
+    no longer count, never a mix of two runs.
+    """
+    run = claimed_run()
+    if run is None or not run.writes:
+        return
+    run.commit()
+    if run.start_over:
+        _clear_checkpoints(run.output_dir)
+
+
+def _resume_point(training_args, run: RunStart) -> str | None:
+    if not training_args.do_train or run.state.stage != TRAINING:
+        return None  # evaluation only, or training done before (utils.trainer.train_and_save)
     if training_args.resume_from_checkpoint:
         return _given_checkpoint(training_args.resume_from_checkpoint)
     output_dir = training_args.output_dir
-    if training_args.overwrite_output_dir or not os.path.isdir(output_dir):
+    if run.start_over or not os.path.isdir(output_dir):
         return None
-    last = newest_complete_checkpoint(output_dir)
+    last = newest_complete_checkpoint(output_dir, run_id=run.run_id if run.recorded else None)
     if last is not None:
-        logger.info("Resuming from %s (add --overwrite_output_dir to start over)", last)
+        # A folder without a record (checkpoints copied in, an older version): go on as that run.
+        run.state.run_id = run.run_id if run.recorded else _marker(last).get("run_id") or run.run_id
+        logger.info("Resuming from %s (%s)", last, "the same command as the run there" if training_args.overwrite_output_dir
+                    else "add --overwrite_output_dir to start over")
         return last
+    if training_args.overwrite_output_dir:
+        run.start_over = True  # nothing of this run to resume: start over, as asked
+        return None
     if [name for name in os.listdir(output_dir) if not NOT_RESULTS.fullmatch(name)]:
         incomplete = [path for _, path in checkpoint_dirs(output_dir)]
         hint = (f" (its {', '.join(map(os.path.basename, incomplete))} is incomplete: pass "
@@ -97,10 +134,10 @@ def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def newest_complete_checkpoint(output_dir: str, quiet: bool = False) -> str | None:
-    """The newest checkpoint whose files match its completion marker; logs the ones skipped."""
+def newest_complete_checkpoint(output_dir: str, quiet: bool = False, run_id: str | None = None) -> str | None:
+    """The newest checkpoint (of run ``run_id``, when given) whose files match its marker; logs the ones skipped."""
     for _, path in checkpoint_dirs(output_dir):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path) or _other_run(path, run_id)
         if problem is None:
             return path
         if not quiet:
@@ -123,41 +160,76 @@ def checkpoint_problem(path: str) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(file) != size:
             return f"{name} has {os.path.getsize(file)} bytes, not the {size} it was written with"
+    for name, digest in _marker(path).get("sha256", {}).items():
+        if _sha256(os.path.join(path, name)) != digest:
+            return f"{name} has changed since it was written (its checksum differs)"
     return None
+
+
+def _marker(path: str) -> dict:
+    with open(os.path.join(path, COMPLETE_MARKER), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _other_run(path: str, run_id: str | None) -> str | None:
+    """Why a complete checkpoint is not this run's; one written without an id is taken as it is."""
+    written_by = _marker(path).get("run_id")
+    if run_id is None or written_by is None or written_by == run_id:
+        return None
+    return f"it belongs to an earlier run in this folder (run {written_by}, this run is {run_id})"
+
+
+def _clear_checkpoints(output_dir: str) -> None:
+    """Starting over: move every checkpoint out of the way (renames), then delete them."""
+    aside = []
+    for _, path in checkpoint_dirs(output_dir):
+        target = os.path.join(output_dir, STAGING_PREFIX + "old-" + os.path.basename(path))
+        os.rename(path, target)
+        aside.append(target)
+    if aside:
+        logger.info("Starting over: removed %d checkpoint(s) of the earlier run in %s", len(aside), output_dir)
+    _remove_leftovers(output_dir)
 
 
 # ---------------------------------------------------------------------------- saving
 
 
-def save_checkpoint_atomically(trainer, save_checkpoint, model, trial) -> None:
-    """Run the Trainer's ``_save_checkpoint`` into a staging folder, then publish it complete.
+class AtomicCheckpointsMixin:
+    """Trainer mixin: the Trainer's own ``_save_checkpoint``, into a staging folder, published complete.
 
-    ``LMTrainer._get_output_dir`` returns ``trainer.checkpoint_staging`` while it is set, so
-    the Trainer writes ``<staging>/checkpoint-N`` with all its usual files on every process.
+    While a checkpoint is written, ``_get_output_dir`` returns the staging folder, so the Trainer
+    writes ``<staging>/checkpoint-N`` with all its usual files on every process. Only this class
+    sets and reads that folder.
     """
-    run_dir = trainer._get_output_dir(trial)
-    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
-    staging = os.path.join(run_dir, STAGING_PREFIX + name)
-    if trainer.args.should_save:
-        _remove_leftovers(run_dir)  # folders of a save that was killed; saves never overlap
-    trainer.accelerator.wait_for_everyone()
-    trainer.checkpoint_staging = staging
-    try:
-        save_checkpoint(model, trial)
-    finally:
-        trainer.checkpoint_staging = None
-    trainer.accelerator.wait_for_everyone()  # every process has written its RNG state
-    staged = os.path.join(staging, name)
-    _point_best_checkpoint_at(trainer, staging, run_dir, staged)
-    if trainer.args.should_save:
-        _write_marker(staged, trainer.state.global_step)
-        fault_point("kill_in_save", trainer.state.global_step)  # test-only (utils/reliability.py)
-        _publish(staged, os.path.join(run_dir, name))
-        os.rmdir(staging)
-        # Only now that the new checkpoint is complete may older ones go.
-        rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint,
-                           use_mtime=True)
-    trainer.accelerator.wait_for_everyone()
+
+    _checkpoint_staging: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_PREFIX + name)
+        if self.args.should_save:
+            _remove_leftovers(run_dir)  # folders of a save that was killed; saves never overlap
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        staged = os.path.join(staging, name)
+        _point_best_checkpoint_at(self, staging, run_dir, staged)
+        if self.args.should_save:
+            _write_marker(staged, self.state.global_step, current_run_id(self.args.output_dir))
+            _publish(staged, os.path.join(run_dir, name))
+            os.rmdir(staging)
+            # Only now that the new checkpoint is complete may older ones go.
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
 
 def _remove_leftovers(run_dir: str) -> None:
@@ -177,17 +249,21 @@ def _point_best_checkpoint_at(trainer, staging: str, run_dir: str, staged: str) 
             trainer.state.save_to_json(os.path.join(staged, "trainer_state.json"))
 
 
-def _write_marker(folder: str, step: int) -> None:
-    """Flush every file to disk, then list them with their sizes in the marker, written last."""
-    files = {}
+def _write_marker(folder: str, step: int, run_id: str | None = None) -> None:
+    """Flush every file to disk, then list them with their sizes (and small ones' checksums) in the marker."""
+    files, checksums = {}, {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
             _fsync(path)
-            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+            relative = os.path.relpath(path, folder)
+            files[relative] = os.path.getsize(path)
+            if files[relative] <= CHECKSUM_MAX_BYTES:
+                checksums[relative] = _sha256(path)
     marker = os.path.join(folder, COMPLETE_MARKER)
+    content = {"global_step": step, "run_id": run_id, "files": files, "sha256": checksums}
     with open(marker, "w", encoding="utf-8") as f:
-        json.dump({"global_step": step, "files": files}, f, indent=1)
+        json.dump(content, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
 
@@ -201,6 +277,11 @@ def _publish(staged: str, final: str) -> None:
     os.rename(staged, final)
     _fsync(os.path.dirname(final))  # the rename itself survives a crash of the machine
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _fsync(path: str) -> None:
@@ -231,5 +312,8 @@ def save_model_atomically(trainer) -> None:
             shutil.rmtree(target, ignore_errors=True)
         else:
             _fsync(source)
+            # safetensors writes through a private temporary file (mode 0600): give the model the
+            # permissions every other output has, so that others in the group can read it.
+            os.chmod(source, 0o666 & ~current_umask())
         os.replace(source, target)
     os.rmdir(staging)

@@ -1,11 +1,13 @@
 """What every script does around its recipe: starting the run, and turning user errors into one line."""
 
 import logging
+import os
 import sys
 
 import datasets
 import transformers
 
+from . import run_folder
 from .auto_ddp import run_on_all_devices
 from .device import describe_device
 from .errors import TrainingStopped, UsageError
@@ -51,12 +53,20 @@ def run_cli(main) -> None:
 
     Training that stopped early with its work saved (``TrainingStopped``: preempted, non-finite
     loss; see utils/reliability.py) prints its one line and exits with the status it carries.
+    A run already done (utils/run_folder.py) prints one line and exits with 0; a run that
+    completes is recorded as finished in its --output_dir.
     """
     try:
         main()
     except UsageError as err:
+        run_folder.release_output_dir()  # a refused run leaves no folder of its own behind
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
+    except run_folder.NothingToDo as done:
+        if os.environ.get("RANK", "0") == "0":  # once, not once per process
+            sys.stderr.write(f"{done}\n")
+        sys.exit(0)
     except TrainingStopped as stop:
         sys.stderr.write(f"{stop}\n")
         sys.exit(stop.exit_status)
+    run_folder.mark(run_folder.FINISHED)

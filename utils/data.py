@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 
 import datasets
@@ -352,7 +353,8 @@ def _cached(recipe: SampleRecipe, rows: Dataset, source: str, max_samples: int |
     logger.info("Tokenizing (from %d rows of text)%s; caching the result in %s", len(rows),
                 " again (--overwrite_cache)" if overwrite else "", path)
     os.makedirs(root, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as workdir:
+    _remove_dead_builds(root)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f"{BUILD_PREFIX}{os.getpid()}@{socket.gethostname()}-") as workdir:
         samples = recipe.build(rows, max_samples, workdir)
         if len(samples) == 0:
             return samples  # nothing worth caching; the caller reports it
@@ -363,6 +365,30 @@ def _cached(recipe: SampleRecipe, rows: Dataset, source: str, max_samples: int |
             shutil.rmtree(path)
         os.replace(staging, path)
     return load_from_disk(path)
+
+
+BUILD_PREFIX = ".build-"  # .build-PID@HOST-xxxx: the work folder of a process building a cache entry
+
+
+def _remove_dead_builds(root: str) -> None:
+    """Work folders left by a process of this machine that was killed while building (never a live one's)."""
+    for name in os.listdir(root):
+        # tempfile's random suffix has no "-"; a host name may.
+        owner = name[len(BUILD_PREFIX):].rsplit("-", 1)[0] if name.startswith(BUILD_PREFIX) else ""
+        pid, _, host = owner.partition("@")
+        if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+            logger.info("Removing %s, left by a tokenization that was cut off", os.path.join(root, name))
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _tokenizer_digest(tokenizer) -> str:

@@ -4,21 +4,23 @@
   the current optimizer step is finished, a checkpoint is written and training stops; the
   script then exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT)
   without saving a final model or evaluating. Running the same command again resumes from
-  that checkpoint. A second signal stops at once, without a checkpoint.
+  that checkpoint. A second signal (a second or more after the first) stops at once, without a
+  checkpoint. A signal that comes
+  after the last step is kept (``signal_after_training``): the script then writes the final
+  model and stops before evaluating. Once a stop checkpoint is written, further signals are
+  ignored: all that is left is to say so and exit (torchrun's own shutdown signal must not cut
+  that short).
+* ``SignalSafeLoadersMixin``: DataLoader workers leave the process group, so that a Ctrl+C or a
+  SIGTERM to the whole group (terminals, ``timeout``, Slurm) reaches the training process only,
+  which then checkpoints, instead of killing the workers it needs for the rest of the step.
 * ``NonFiniteLossCallback``: a NaN/inf training loss drops that step's update. With
   ``--on_nonfinite_loss stop`` (default) training stops without saving the bad step, and the
   script exits with status 3 naming the step; with ``skip`` training goes on. Off under fp16
   with dynamic loss scaling, whose scaler already skips overflowing steps.
-* ``stop_reason(trainer)``: after ``trainer.train()``, why training stopped early, if it did.
 
 Under torchrun every process decides with the others (a one-number all-reduce per step,
 only when distributed), so all stop after the same step even if one process got the signal.
-
-Test-only fault injection (never set it in real runs): ``LM_TEST_FAULTS`` holds
-comma-separated ``EVENT@STEP`` entries, ``EVENT@STEP/RANK`` for one process only. Events:
-``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process at the end of optimizer step
-STEP), ``nan_loss`` (the model's loss becomes NaN in step STEP), ``kill_in_save`` (SIGKILL
-while checkpoint-STEP is being written, after its files and before it is published).
+(Why a run stopped, in one line, is ``utils.run_folder.stop_reason``.)
 """
 
 from __future__ import annotations
@@ -26,19 +28,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .amp_config import amp_config_from_args
-from .errors import TrainingStopped
 
 logger = logging.getLogger(__name__)
 
 EXIT_NONFINITE_LOSS = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-FAULTS_ENV = "LM_TEST_FAULTS"
+SAME_STOP_SECONDS = 1.0  # a repeat within this time is the same stop, not a second signal
 
 
 def any_process(flag: bool, args) -> bool:
@@ -73,8 +75,10 @@ class PreemptionCallback(TrainerCallback):
     def _on_signal(self, signum, frame):
         # Only set a flag: the training loop acts on it between steps, where the state is consistent.
         if self.received is None:
-            self.received = signum
+            self.received, self._received_at = signum, time.monotonic()
             return
+        if time.monotonic() - self._received_at < SAME_STOP_SECONDS:
+            return  # the same stop, delivered twice (to every process by systemd/Slurm, then by torchrun)
         # A second signal: the sender insists. Act as if we had never caught it (no checkpoint).
         self._restore_handlers()
         signal.raise_signal(signum)
@@ -94,8 +98,16 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = False  # this step's checkpoint is already written
 
     def on_train_end(self, args, state, control, **kwargs):
-        # After training the default behaviour returns: the final save replaces files atomically.
-        self._restore_handlers()
+        if self.stopped_at is not None:
+            # The checkpoint is written; nothing is left but to say so and exit.
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        # Otherwise the handlers stay: a signal during the final save or evaluation is honoured
+        # by the script (signal_after_training), not lost and not a kill in mid-write.
+
+    def signal_after_training(self, args) -> bool:
+        """True (on every process) when a signal came after the last step's check."""
+        return any_process(self.received is not None and self.stopped_at is None, args)
 
     def _restore_handlers(self):
         for sig, handler in self._previous_handlers.items():
@@ -190,87 +202,45 @@ class NonFiniteLossCallback(TrainerCallback):
             self._hook = None
 
 
-# ---------------------------------------------------------------------------- after train()
+# ---------------------------------------------------------------------------- loaders
+
+
+class SignalSafeLoadersMixin:
+    """Trainer mixin: DataLoader workers in a process group of their own (see the module doc).
+
+    The Trainer still ends them itself when a loader is done; only signals meant for the
+    whole group no longer reach them.
+    """
+
+    def get_train_dataloader(self):
+        return _workers_in_own_group(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return _workers_in_own_group(super().get_eval_dataloader(eval_dataset))
+
+
+class _LeaveProcessGroup:
+    """A DataLoader ``worker_init_fn``: setpgid, then the original one (a class, so it pickles)."""
+
+    def __init__(self, then):
+        self.then = then
+
+    def __call__(self, worker_id):
+        os.setpgid(0, 0)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def _workers_in_own_group(loader):
+    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, _LeaveProcessGroup):
+        loader.worker_init_fn = _LeaveProcessGroup(loader.worker_init_fn)
+    return loader
 
 
 def find_callback(trainer, kind):
     return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kind)), None)
 
 
-def stop_reason(trainer) -> TrainingStopped | None:
-    """Why ``trainer.train()`` stopped before the end (preempted, non-finite loss), if it did."""
-    from .checkpoints import newest_complete_checkpoint  # checkpoints imports this module
-
-    output_dir = trainer.args.output_dir
-    preemption = find_callback(trainer, PreemptionCallback)
-    if preemption is not None and preemption.stopped_at is not None:
-        return TrainingStopped(
-            f"stopped: {preemption.signal_name} received; saved {output_dir}/checkpoint-{preemption.stopped_at} "
-            f"at step {preemption.stopped_at} of {trainer.state.max_steps}, no final model or evaluation; "
-            f"run the same command to resume (exit status {preemption.exit_status})",
-            preemption.exit_status,
-        )
-    guard = find_callback(trainer, NonFiniteLossCallback)
-    if guard is not None and guard.bad_step is not None:
-        last = newest_complete_checkpoint(output_dir, quiet=True) if os.path.isdir(output_dir) else None
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        return TrainingStopped(
-            f"error: non-finite loss (NaN or inf) at step {guard.bad_step}: training stopped without saving "
-            f"that step; {kept}. Lower --learning_rate, check the data, or pass --on_nonfinite_loss skip",
-            EXIT_NONFINITE_LOSS,
-        )
-    return None
-
-
-# ---------------------------------------------------------------------------- test-only faults
-
-
-def planned_faults() -> dict[str, int]:
-    """``{event: step}`` from LM_TEST_FAULTS for this process (test-only, see the module doc)."""
-    faults = {}
-    rank = os.environ.get("RANK", "0")
-    for entry in filter(None, os.environ.get(FAULTS_ENV, "").replace(" ", "").split(",")):
-        event, _, where = entry.partition("@")
-        step, _, only_rank = where.partition("/")
-        if not only_rank or only_rank == rank:
-            faults[event] = int(step)
-    return faults
-
-
-def fault_point(event: str, step: int) -> None:
-    """SIGKILL this process here when LM_TEST_FAULTS asks for ``event`` at ``step``."""
-    if planned_faults().get(event) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class FaultInjectionCallback(TrainerCallback):
-    """Test-only: signals, kills and NaN losses at the steps LM_TEST_FAULTS names."""
-
-    def __init__(self):
-        self.faults = planned_faults()
-        self._nan_hook = None
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.faults.get("nan_loss") == state.global_step + 1 and model is not None:
-            # Prepended, so that the loss watcher's hook sees the NaN as it would a real one.
-            self._nan_hook = model.register_forward_hook(_nan_loss, prepend=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._nan_hook is not None:
-            self._nan_hook.remove()
-            self._nan_hook = None
-        if self.faults.get("sigterm") == state.global_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        fault_point("kill", state.global_step)
-
-
-def _nan_loss(module, inputs, outputs):
-    if module.training and outputs.get("loss") is not None:
-        outputs["loss"] = outputs["loss"] * float("nan")
-    return outputs
-
-
 def reliability_callbacks(args) -> list[TrainerCallback]:
-    """The callbacks every run gets from this module (fault injection only when a test asks)."""
-    callbacks = [FaultInjectionCallback()] if os.environ.get(FAULTS_ENV) else []
-    return callbacks + [PreemptionCallback(), NonFiniteLossCallback(getattr(args, "on_nonfinite_loss", "stop"))]
+    """The callbacks every run gets from this module."""
+    return [PreemptionCallback(), NonFiniteLossCallback(getattr(args, "on_nonfinite_loss", "stop"))]

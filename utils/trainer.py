@@ -1,22 +1,30 @@
 """The Trainer the three scripts share, and the train / evaluate steps that write the results files."""
 
+import json
+import logging
+import os
 
 from transformers import Trainer
 
+from . import run_folder
 from .amp_trainer import MixedPrecisionMixin
-from .checkpoints import save_checkpoint_atomically, save_model_atomically
+from .checkpoints import AtomicCheckpointsMixin, begin_run, newest_complete_checkpoint, save_model_atomically
 from .device import device_name
+from .errors import TrainingStopped
 from .failures import run_guard
 from .metrics import TokenAccuracy, perplexity
 from .modeling import weigh_loss_by_num_items
-from .reliability import reliability_callbacks, stop_reason
+from .reliability import (EXIT_NONFINITE_LOSS, NonFiniteLossCallback, PreemptionCallback, SignalSafeLoadersMixin,
+                          find_callback, reliability_callbacks)
 from .reporting import ReportCallback, write_run_info
 from .results import write_model_card
 from .scaling import setup_sharding
 from .speed import SpeedCallback
 
+logger = logging.getLogger(__name__)
 
-class LMTrainer(MixedPrecisionMixin, Trainer):
+
+class LMTrainer(AtomicCheckpointsMixin, SignalSafeLoadersMixin, MixedPrecisionMixin, Trainer):
     """transformers' Trainer with streaming token accuracy and perplexity in every evaluation.
 
     Accuracy is counted batch by batch (``batch_eval_metrics``) from argmax predictions, so no
@@ -45,16 +53,6 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
             self.add_callback(callback)
         setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds (utils/scaling.py)
 
-    checkpoint_staging: str | None = None  # set while a checkpoint is being written (utils/checkpoints.py)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        # The Trainer's own saving, into a staging folder renamed once complete: a kill during a
-        # save never leaves a half-written checkpoint-N.
-        save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
-
-    def _get_output_dir(self, trial) -> str:
-        return self.checkpoint_staging or super()._get_output_dir(trial)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # tokens/s beside loss and lr, for the progress bar and TensorBoard
             logs.update(self.speed.since_last_log(self.args))
@@ -71,6 +69,9 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
 
 def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | None) -> dict:
     """Train (resuming from ``checkpoint``), save the model, and write train_results.json."""
+    if run_folder.training_done(trainer.args.output_dir):
+        return _trained_before(trainer)
+    begin_run()  # the run's record in --output_dir; starting over, the old checkpoints go
     with run_guard(trainer):  # unreadable streamed data, a full disk: one line, not a traceback
         result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = stop_reason(trainer)  # preempted, or a non-finite loss: the checkpoints hold the work
@@ -87,11 +88,14 @@ def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | 
     trainer.save_state()
     if trainer.is_world_process_zero():
         write_model_card(trainer.args.output_dir)
+    run_folder.mark(run_folder.TRAINED)
+    stop_after_training(trainer)
     return metrics
 
 
 def evaluate_and_save(trainer: Trainer, n_samples: int | None) -> dict:
     """Evaluate and write eval_results.json with loss, perplexity and accuracy."""
+    stop_after_training(trainer)
     with run_guard(trainer):
         metrics = trainer.evaluate()
     # The Hugging Face examples report perplexity without the eval_ prefix.
@@ -104,3 +108,48 @@ def evaluate_and_save(trainer: Trainer, n_samples: int | None) -> dict:
         write_run_info(trainer.args, overwrite=False)  # an evaluation-only run started no training to write it
         write_model_card(trainer.args.output_dir)  # now with the evaluation metrics too
     return metrics
+
+
+def _trained_before(trainer: LMTrainer) -> dict:
+    """A rerun whose training was done before: load that final model (to evaluate it) and its results."""
+    output_dir = trainer.args.output_dir
+    logger.info("Training is done in %s: loading its final model, evaluating only", output_dir)
+    trainer._load_from_checkpoint(output_dir)
+    with open(os.path.join(output_dir, "train_results.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stop_reason(trainer) -> TrainingStopped | None:
+    """Why ``trainer.train()`` stopped before the end (preempted, non-finite loss), if it did."""
+    output_dir = trainer.args.output_dir
+    preemption = find_callback(trainer, PreemptionCallback)
+    if preemption is not None and preemption.stopped_at is not None:
+        return TrainingStopped(
+            f"stopped: {preemption.signal_name} received; saved {output_dir}/checkpoint-{preemption.stopped_at} "
+            f"at step {preemption.stopped_at} of {trainer.state.max_steps}, no final model or evaluation; "
+            f"run the same command to resume (exit status {preemption.exit_status})",
+            preemption.exit_status,
+        )
+    guard = find_callback(trainer, NonFiniteLossCallback)
+    if guard is not None and guard.bad_step is not None:
+        last = newest_complete_checkpoint(output_dir, quiet=True) if os.path.isdir(output_dir) else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        return TrainingStopped(
+            f"error: non-finite loss (NaN or inf) at step {guard.bad_step}: training stopped without saving "
+            f"that step; {kept}. Lower --learning_rate, check the data, or pass --on_nonfinite_loss skip",
+            EXIT_NONFINITE_LOSS,
+        )
+    return None
+
+
+def stop_after_training(trainer) -> None:
+    """A SIGTERM/SIGINT after the last step: stop before evaluating, the final model being saved."""
+    preemption = find_callback(trainer, PreemptionCallback)
+    if preemption is None or not preemption.signal_after_training(trainer.args):
+        return
+    raise TrainingStopped(
+        f"stopped: {preemption.signal_name} received after the last training step; the final model and train "
+        f"results are saved in {trainer.args.output_dir}, the evaluation was not run; run the same command to "
+        f"evaluate (exit status {preemption.exit_status})",
+        preemption.exit_status,
+    )

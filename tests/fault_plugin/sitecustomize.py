@@ -1,0 +1,148 @@
+"""Test-only fault injection for the scripts, kept out of the shipped modules.
+
+A test puts this folder on PYTHONPATH; Python imports ``sitecustomize`` at start-up in every
+process (the scripts, torchrun, the launcher's helpers). Nothing happens until the suite's
+``utils.trainer`` is imported: then every LMTrainer gets ``FaultInjectionCallback`` and the
+checkpoint publishing step gets a kill point. Without this folder on the path, LM_FAULT_PLAN
+means nothing.
+
+LM_FAULT_PLAN holds comma-separated ``EVENT@STEP`` entries, ``EVENT@STEP/RANK`` for one process
+only. Events, at the end of optimizer step STEP unless said otherwise:
+
+* ``sigterm``, ``sigint``: that signal to this process.
+* ``kill``: SIGKILL to this process, in the first attempt only (under torchrun --max-restarts the
+  restarted processes go on).
+* ``kill_in_save``: SIGKILL while checkpoint-STEP is written, after its files, before it is published.
+* ``nan_loss``: the model's loss is NaN in step STEP.
+* ``wait``: touch ``OUTPUT_DIR/reached-STEP-RANK``, then wait (up to 5 minutes) until the run
+  receives SIGTERM or SIGINT, so that a test can signal it at a known step.
+* ``sigterm_after_last_step``: SIGTERM once the last step is done (STEP is ignored), while the
+  Trainer is still wrapping up training.
+"""
+
+import importlib.abc
+import importlib.machinery
+import os
+import signal
+import sys
+import time
+
+FAULTS_ENV = "LM_FAULT_PLAN"
+
+
+def planned_faults() -> dict[str, int]:
+    """``{event: step}`` from LM_FAULT_PLAN for this process."""
+    faults = {}
+    rank = os.environ.get("RANK", "0")
+    for entry in filter(None, os.environ.get(FAULTS_ENV, "").replace(" ", "").split(",")):
+        event, _, where = entry.partition("@")
+        step, _, only_rank = where.partition("/")
+        if not only_rank or only_rank == rank:
+            faults[event] = int(step or 0)
+    return faults
+
+
+def _first_attempt() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
+def _make_callback_class():
+    from transformers import TrainerCallback
+
+    from utils.reliability import PreemptionCallback
+
+    class FaultInjectionCallback(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+            self.faults = planned_faults()
+            self._nan_hook = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if self.faults.get("nan_loss") == state.global_step + 1 and model is not None:
+                # Prepended, so that the loss watcher's hook sees the NaN as it would a real one.
+                self._nan_hook = model.register_forward_hook(_nan_loss, prepend=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._nan_hook is not None:
+                self._nan_hook.remove()
+                self._nan_hook = None
+            step = state.global_step
+            if self.faults.get("sigterm") == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if self.faults.get("sigint") == step:
+                os.kill(os.getpid(), signal.SIGINT)
+            if self.faults.get("kill") == step and _first_attempt():
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.faults.get("wait") == step:
+                self._wait_for_a_signal(args, step)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if "sigterm_after_last_step" in self.faults and state.global_step >= state.max_steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+                del self.faults["sigterm_after_last_step"]
+
+        def _wait_for_a_signal(self, args, step):
+            preemption = next(cb for cb in self.trainer.callback_handler.callbacks
+                              if isinstance(cb, PreemptionCallback))
+            reached = os.path.join(args.output_dir, f"reached-{step}-{os.environ.get('RANK', '0')}")
+            open(reached, "w").close()
+            deadline = time.monotonic() + 300
+            while preemption.received is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    return FaultInjectionCallback
+
+
+def _nan_loss(module, inputs, outputs):
+    if module.training and outputs.get("loss") is not None:
+        outputs["loss"] = outputs["loss"] * float("nan")
+    return outputs
+
+
+def _install(trainer_module):
+    import utils.checkpoints as checkpoints
+
+    callback_class = _make_callback_class()
+    original_init = trainer_module.LMTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        # Just before the preemption callback, so that a signal sent at step N is seen at step N.
+        callbacks = self.callback_handler.callbacks
+        first = next(i for i, cb in enumerate(callbacks) if type(cb).__name__ == "PreemptionCallback")
+        callbacks.insert(first, callback_class(self))
+
+    trainer_module.LMTrainer.__init__ = init
+
+    original_publish = checkpoints._publish
+
+    def publish(staged, final):
+        step = int(final.rsplit("-", 1)[1])
+        if planned_faults().get("kill_in_save") == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        original_publish(staged, final)
+
+    checkpoints._publish = publish
+
+
+class _PatchTrainerOnImport(importlib.abc.MetaPathFinder):
+    """Lets ``utils.trainer`` load as usual, then installs the faults into it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "utils.trainer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            _install(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get(FAULTS_ENV):
+    sys.meta_path.insert(0, _PatchTrainerOnImport())
