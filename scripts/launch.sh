@@ -52,30 +52,6 @@ die() {
     exit 2
 }
 
-# True when --NAME or --NAME=... is among the remaining arguments.
-has_flag() {
-    local name=$1 arg
-    shift
-    for arg in "$@"; do
-        [[ $arg == "--$name" || $arg == "--$name="* ]] && return 0
-    done
-    return 1
-}
-
-# The value of the last --NAME VALUE or --NAME=VALUE among the remaining arguments.
-last_value() {
-    local name=$1 value=""
-    shift
-    while (($#)); do
-        case $1 in
-            "--$name") value=${2-}; (($# > 1)) && shift ;;
-            "--$name="*) value=${1#*=} ;;
-        esac
-        shift
-    done
-    printf '%s' "$value"
-}
-
 TASK="${1-}"
 case $TASK in
     clm) default_model=gpt2 ;;
@@ -118,13 +94,20 @@ if [[ $device == cpu ]]; then
     export ACCELERATE_USE_CPU=true
 fi
 
+# Which defaults your flags already choose, read by the scripts' own parser (utils/launch_flags.py):
+# a model, data, an output folder.
+chosen=$("$PYTHON" -m utils.launch_flags "$TASK" "$@") || exit 2
+mapfile -t chosen <<<"$chosen"
+model_chosen=${chosen[0]} data_chosen=${chosen[1]} output_dir=${chosen[2]-}
+output_dir="${output_dir:-${OUTPUT_DIR:-outputs/${TASK}_${devices}}}"
+
 defaults=()
 model="${MODEL-$default_model}"
-if [[ -n $model ]] && ! has_flag model_type "$@" && ! has_flag model_name_or_path "$@"; then
+if [[ -n $model && $model_chosen == 0 ]]; then
     defaults+=(--model_name_or_path "$model")
 fi
 dataset="${DATASET-wikitext}"
-if [[ -n $dataset ]] && ! has_flag dataset_name "$@" && ! has_flag train_file "$@"; then
+if [[ -n $dataset && $data_chosen == 0 ]]; then
     defaults+=(--dataset_name "$dataset" --dataset_config_name "${DATASET_CONFIG:-wikitext-2-raw-v1}")
 fi
 default_amp="--fp16 --fp16_opt_level O2 --use_combine_grad"
@@ -137,10 +120,9 @@ defaults+=(
     "${amp_flags[@]}"
     --num_train_epochs 3
     --save_steps 100000
-    --output_dir "${OUTPUT_DIR:-outputs/${TASK}_${devices}}"
+    --output_dir "$output_dir"
 )
 flags=("${defaults[@]}" "$@")
-output_dir=$(last_value output_dir "${flags[@]}")
 
 [[ -f $ROOT/run_${TASK}.py ]] || die "$ROOT/run_${TASK}.py not found"
 

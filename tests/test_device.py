@@ -181,6 +181,20 @@ def test_launcher_rejects_bad_settings_in_one_line(env, needle):
     assert process.returncode == 2
 
 
+def test_the_launcher_reads_flags_as_the_scripts_do(tmp_path):
+    """An abbreviated --output_dir (argparse takes it) puts the log where the run writes, and --model_type
+    given as --model_t drops the default hub model: the launcher asks the scripts' own parser."""
+    out = tmp_path / "my run"
+    process = run(["bash", str(ROOT / "scripts/train_clm_1p.sh"), "--model_t", "gpt2", "--train_file",
+                   str(tmp_path / "missing.txt"), "--output_d", str(out)],
+                  env={"DEVICE": "cpu", "AMP_FLAGS": "", "HF_HUB_OFFLINE": "1"})
+    assert process.returncode == 2
+    log = (out / "train.log").read_text()
+    assert "--train_file" in log and "missing.txt" in log  # the run's own error, in the run's folder
+    command = next(line for line in log.splitlines() if line.startswith("command: "))
+    assert "--model_name_or_path" not in command and "--dataset_name" not in command
+
+
 def test_launcher_stops_before_torchrun_when_npu_cannot_start(tmp_path):
     site = fake_torch_npu(tmp_path, CANN_MISSING)
     process = run(["bash", "scripts/train_plm_1p.sh"], env={"DEVICE": "npu"}, extra_path=site)

@@ -264,9 +264,9 @@ class _Parser(HfArgumentParser):
         sys.exit(2)
 
 
-def flag_parser(*types) -> HfArgumentParser:
+def flag_parser(*types, prog: str | None = None) -> HfArgumentParser:
     """The parser of these argument dataclasses' flags; errors are one line and exit status 2."""
-    return _Parser(types)
+    return _Parser(types, prog=prog)
 
 
 def _flag_values(parser: HfArgumentParser, argv: list[str]) -> tuple[dict, list[str]]:
