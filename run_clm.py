@@ -16,11 +16,11 @@ from utils.arguments import parse_args
 from utils.checkpoints import checkpoint_to_resume
 from utils.cli import run_cli, start_run
 from utils.collators import CausalLMCollator
-from utils.data import load_raw_datasets, num_samples, prepare_datasets
+from utils.data import load_raw_datasets, prepare_datasets
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, resolve_seq_len
 from utils.resume_check import check_resumable
-from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
+from utils.trainer import train_and_evaluate
 
 
 @dataclass
@@ -47,20 +47,8 @@ def main():
     samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
                                cache_dir=model_args.cache_dir)
 
-    trainer = LMTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=samples.get("train"),
-        eval_dataset=samples.get("eval"),
-        processing_class=tokenizer,
-        data_collator=CausalLMCollator(),
-        accuracy=TokenAccuracy(shift=True),
-        tokens_per_sample=float(block_size),
-    )
-    if training_args.do_train:
-        train_and_save(trainer, checkpoint, num_samples(samples["train"]))
-    if training_args.do_eval:
-        evaluate_and_save(trainer, num_samples(samples["eval"]))
+    train_and_evaluate(model, tokenizer, training_args, samples, checkpoint, collator=CausalLMCollator(),
+                       accuracy=TokenAccuracy(shift=True), tokens_per_sample=float(block_size))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ from utils.arguments import SequenceArguments, parse_args
 from utils.checkpoints import checkpoint_to_resume
 from utils.cli import run_cli, start_run
 from utils.collators import PermutationLMCollator
-from utils.data import load_raw_datasets, num_samples, prepare_datasets, tokens_per_sample
+from utils.data import load_raw_datasets, prepare_datasets, tokens_per_sample
 from utils.errors import UsageError
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
 from utils.resume_check import check_resumable
-from utils.trainer import LMTrainer, evaluate_and_save, train_and_save
+from utils.trainer import train_and_evaluate
 
 
 @dataclass
@@ -64,20 +64,8 @@ def main():
         tokenizer=tokenizer, plm_probability=plm_args.plm_probability, max_span_length=plm_args.max_span_length
     )
 
-    trainer = LMTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=samples.get("train"),
-        eval_dataset=samples.get("eval"),
-        processing_class=tokenizer,
-        data_collator=collator,
-        accuracy=TokenAccuracy(),
-        tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, plm_args.line_by_line),
-    )
-    if training_args.do_train:
-        train_and_save(trainer, checkpoint, num_samples(samples["train"]))
-    if training_args.do_eval:
-        evaluate_and_save(trainer, num_samples(samples["eval"]))
+    train_and_evaluate(model, tokenizer, training_args, samples, checkpoint, collator=collator,
+                       accuracy=TokenAccuracy(), tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, plm_args.line_by_line))
 
 
 if __name__ == "__main__":

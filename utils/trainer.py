@@ -9,6 +9,7 @@ from transformers import Trainer
 from . import run_folder
 from .amp_trainer import MixedPrecisionMixin
 from .checkpoints import AtomicCheckpointsMixin, begin_run, newest_complete_checkpoint, save_model_atomically
+from .data import num_samples
 from .device import device_name
 from .errors import TrainingStopped
 from .failures import run_guard
@@ -65,6 +66,30 @@ class LMTrainer(AtomicCheckpointsMixin, SignalSafeLoadersMixin, MixedPrecisionMi
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
         return output
+
+
+def train_and_evaluate(model, tokenizer, training_args, samples: dict, checkpoint: str | None, *, collator,
+                       accuracy: TokenAccuracy, tokens_per_sample: float | None) -> LMTrainer:
+    """A recipe's last step: an LMTrainer on the prepared samples, then --do_train and --do_eval.
+
+    What the objective decides is given: the collator, the accuracy and the mean tokens in a
+    training sample. Training resumes from ``checkpoint``; each step writes its results files.
+    """
+    trainer = LMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=samples.get("train"),
+        eval_dataset=samples.get("eval"),
+        processing_class=tokenizer,
+        data_collator=collator,
+        accuracy=accuracy,
+        tokens_per_sample=tokens_per_sample,
+    )
+    if training_args.do_train:
+        train_and_save(trainer, checkpoint, num_samples(samples["train"]))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, num_samples(samples["eval"]))
+    return trainer
 
 
 def train_and_save(trainer: LMTrainer, checkpoint: str | None, n_samples: int | None) -> dict:
