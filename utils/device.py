@@ -362,6 +362,13 @@ def finish_device_setup(training_args, device: str) -> None:
     seed_all(training_args.seed, device)
     if training_args.process_index == 0:
         logger.info("Device: %s", describe_device(device))
+    if device == "cpu":
+        from .cpu import keep_freed_memory, log_precision_hint
+
+        if keep_freed_memory():  # before the model and its buffers are allocated: see utils/cpu.py
+            logger.info("Allocator: freed memory is kept for reuse (set LM_KEEP_FREED_MEMORY=0 to turn it off)")
+        if training_args.process_index == 0:
+            log_precision_hint(training_args)
 
 
 def seed_all(seed: int, device: str) -> None:
