@@ -6,6 +6,7 @@ from transformers import Trainer
 
 from .amp_trainer import MixedPrecisionMixin
 from .checkpoints import save_checkpoint_atomically, save_model_atomically
+from .ddp import set_find_unused_parameters
 from .metrics import TokenAccuracy, perplexity
 from .reliability import reliability_callbacks, stop_reason
 from .reporting import ReportCallback, write_model_card
@@ -28,6 +29,8 @@ class LMTrainer(MixedPrecisionMixin, Trainer):
     def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None, **kwargs):
         kwargs["args"].batch_eval_metrics = True
         kwargs["args"].prediction_loss_only = False
+        set_find_unused_parameters(kwargs["args"], kwargs.get("model"), kwargs.get("data_collator"),
+                                   kwargs.get("train_dataset"))  # before the Trainer sets up DDP
         if kwargs["args"].device.type == "cpu":
             # Pinned memory only speeds up copies to an accelerator; on the CPU torch just warns.
             kwargs["args"].dataloader_pin_memory = False
