@@ -9,6 +9,7 @@ ratio is taken between medians.
     python benchmarks/bench_vs_stock.py train --shape tiny --steps 60            # fp32, 2 x 64, block 128
     python benchmarks/bench_vs_stock.py train --shape small --steps 20           # 6 x 384, block 256
     python benchmarks/bench_vs_stock.py train --shape tiny --precision bf16      # bf16 O2 + combine_grad
+    python benchmarks/bench_vs_stock.py precision --shape small --steps 12       # ours: fp32, bf16 O1, bf16 O2
     python benchmarks/bench_vs_stock.py preprocess --repeats 5                   # cold, WikiText-2 x5
     python benchmarks/bench_vs_stock.py ddp --steps 30                           # 2-process CPU launcher
     python benchmarks/bench_vs_stock.py train --shape tiny --steps 3 --rounds 1  # seconds
@@ -17,6 +18,8 @@ train: tokens/s are timed after --warmup steps by the same clock on both sides
 (utils/throughput.py); evaluation tokens/s and loss come from trainer.evaluate() on the same
 validation blocks. "ours, one lever off" rows turn one of our levers off (LM_KEEP_FREED_MEMORY=0: the
 allocator setting of utils/cpu.py), to measure it alone.
+precision: ours in fp32, bf16 O1 and bf16 O2 + combine_grad, and stock fp32, back to back; the
+ratio is to ours in fp32.
 ddp: scripts/train_clm_8p.sh with NPROC_PER_NODE=2 DEVICE=cpu AMP_FLAGS="" (fp32, DDP over gloo),
 before (--ddp_find_unused_parameters true, what transformers picks for every model) and after
 (ours: set from what the model uses).
@@ -58,7 +61,7 @@ TRAIN_CASES = {"stock": {}, "ours": {}, "ours, allocator setting off": {"LM_KEEP
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("row", choices=["train", "preprocess", "ddp"])
+    parser.add_argument("row", choices=["train", "precision", "preprocess", "ddp"])
     parser.add_argument("--shape", default="tiny", choices=SHAPES)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--steps", type=int, default=60)
@@ -71,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lines", type=int, default=0, help="preprocess: only the first LINES lines (0: all)")
     parser.add_argument("--tokenizer", default="gpt2", help="preprocess: a folder under data/tokenizers")
     parser.add_argument("--block_size", type=int, default=1024, help="preprocess: block length")
+    parser.add_argument("--pipelines", default="stock,ours", help="preprocess: which pipelines (stock first)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.warmup = min(args.warmup, args.steps - 1)
@@ -224,6 +228,27 @@ def train_case(case: str, args, folder: Path, files: dict) -> dict:
             "eval loss": results["eval_loss"]}
 
 
+def precision_row(args, folder: Path) -> None:
+    files = training_text(folder, args)
+    cases = [("ours", "fp32"), ("ours", "bf16-O1"), ("ours", "bf16"), ("stock", "fp32")]
+    results = {case: [] for case in cases}
+    for _ in range(args.rounds):
+        for case, precision in cases:
+            run_args = argparse.Namespace(**{**vars(args), "precision": precision})
+            results[(case, precision)].append(train_case(case, run_args, folder, files))
+            print(case, precision, results[(case, precision)][-1], file=sys.stderr, flush=True)
+    medians = {key: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for key, runs in results.items()}
+    base = medians[("ours", "fp32")]
+    labels = {"fp32": "fp32", "bf16-O1": "--bf16 --fp16_opt_level O1", "bf16": "--bf16 O2 --use_combine_grad"}
+    rows = [[case, labels[precision], f"{m['tokens/s']:,.0f}", f"{m['tokens/s'] / base['tokens/s']:.2f}x",
+             f"{m['eval loss']:.4f}", " / ".join(f"{r['tokens/s']:,.0f}" for r in results[(case, precision)])]
+            for (case, precision), m in medians.items()]
+    layers, width, _, block = SHAPES[args.shape]
+    print(f"precision, GPT-2 {layers} x {width}, block {block}, batch {args.batch_size}, {args.steps} steps "
+          f"({args.steps - args.warmup} timed), median of {args.rounds}")
+    print_table(["pipeline", "precision", "train tokens/s", "vs ours fp32", "eval loss", "each round tokens/s"], rows)
+
+
 def training_text(folder: Path, args) -> dict:
     """Enough WikiText-2 train lines for the run (both sides tokenize all of it, untimed), and validation."""
     block = SHAPES[args.shape][3]
@@ -315,7 +340,7 @@ def preprocess_row(args, folder: Path) -> None:
         source = "".join(source.splitlines(keepends=True)[:args.lines])
     text = folder / f"train-x{args.repeats}.txt"
     text.write_text(source * args.repeats, encoding="utf-8")
-    results = {"stock": [], "ours": []}
+    results = {pipeline: [] for pipeline in args.pipelines.split(",")}
     for _ in range(args.rounds):
         for pipeline in results:
             cache = folder / f"cache-{pipeline}"
@@ -326,7 +351,7 @@ def preprocess_row(args, folder: Path) -> None:
             results[pipeline].append({"seconds": seconds, **json.loads(stdout.strip().splitlines()[-1])})
             print(pipeline, results[pipeline][-1], file=sys.stderr, flush=True)
             shutil.rmtree(cache, ignore_errors=True)
-    stock_s = statistics.median(r["seconds"] for r in results["stock"])
+    stock_s = statistics.median(r["seconds"] for r in results.get("stock") or next(iter(results.values())))
     rows = []
     for pipeline, runs in results.items():
         seconds = statistics.median(r["seconds"] for r in runs)
@@ -343,7 +368,8 @@ def main(argv=None) -> None:
         return worker(args)
     folder = Path(tempfile.mkdtemp(prefix="bench_vs_stock-"))
     try:
-        {"train": train_row, "preprocess": preprocess_row, "ddp": ddp_row}[args.row](args, folder)
+        rows = {"train": train_row, "precision": precision_row, "preprocess": preprocess_row, "ddp": ddp_row}
+        rows[args.row](args, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -96,3 +96,18 @@ def test_blocks_equal_the_stock_list_pipeline(name, tmp_path, caplog):
             samples = recipe.build(Dataset.from_dict({"text": texts}), None, str(tmp_path / str(workers)))
         assert "Tokenizing with tiktoken" in caplog.text
         assert samples["input_ids"] == expected
+
+
+def test_blocks_from_the_splits_arrow_file_equal_the_stock_list_pipeline(tmp_path):
+    """A split loaded from a text file is read from its Arrow file piece by piece, not memory-mapped."""
+    from datasets import load_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
+    rows = load_dataset("text", data_files={"train": str(WIKI_TEST_RAW)}, cache_dir=str(tmp_path / "cache"),
+                        keep_linebreaks=True)["train"]
+    assert rows.cache_files and rows._indices is None
+    stream = list(itertools.chain.from_iterable(tokenizer(list(rows["text"]), verbose=False)["input_ids"]))
+    recipe = SampleRecipe(tokenizer, column="text", seq_len=128, line_by_line=False, pad_to_max_length=False,
+                          num_proc=None)
+    samples = recipe.build(rows, None, str(tmp_path / "work"))
+    assert samples["input_ids"] == [stream[i:i + 128] for i in range(0, len(stream) // 128 * 128, 128)]

@@ -296,8 +296,8 @@ class SampleRecipe:
         """The ids of PACK_ROWS rows at a time, in order; tokenized in ``num_proc`` processes if asked."""
         bounds = [(start, min(start + PACK_ROWS, len(rows))) for start in range(0, len(rows), PACK_ROWS)]
         if not self.num_proc or self.num_proc < 2 or len(bounds) < 2:
-            for start, stop in bounds:
-                yield encode(rows[start:stop][self.column])
+            for texts in self._text_pieces(rows, bounds):
+                yield encode(texts)
             return
         global _WORKER_TASK
         _WORKER_TASK = (rows, self.column, encode)  # forked workers inherit it: the text is not sent
@@ -306,6 +306,24 @@ class SampleRecipe:
                 yield from pool.imap(_encode_range, bounds)
         finally:
             _WORKER_TASK = None
+
+    def _text_pieces(self, rows: Dataset, bounds: list[tuple[int, int]]) -> Iterator[list[str]]:
+        """The text, a piece at a time; from the split's Arrow files by plain reads when it is all of them.
+
+        Pages of a memory-mapped file count in the process's resident memory, which would then grow
+        with the corpus; read pieces are freed as the next one comes.
+        """
+        files = [entry["filename"] for entry in rows.cache_files]
+        if rows._indices is not None or not files:
+            for start, stop in bounds:
+                yield rows[start:stop][self.column]
+            return
+        for path in files:
+            with pa.OSFile(path) as source, pa.ipc.open_stream(source) as reader:
+                for batch in reader:
+                    column = batch.column(batch.schema.get_field_index(self.column))
+                    for start in range(0, len(column), PACK_ROWS):
+                        yield column.slice(start, PACK_ROWS).to_pylist()
 
     def _pack(self, pieces: Iterator[np.ndarray], path: str) -> Dataset:
         """Blocks written to an Arrow file piece by piece, so memory does not grow with the corpus.
