@@ -16,13 +16,19 @@ CASES = {
                        ["case", "script", "samples/s", "tokens/s"], 2),
     "bench_amp_step.py": (["--device", "cpu", "--sizes", "tiny", "--steps", "2"],
                           ["device", "size", "level", "combine_grad", "median ms/step", "aten ops/step"], 4),
+    "bench_vs_stock.py train": (["--steps", "2", "--warmup", "1", "--rounds", "1", "--eval_blocks", "4",
+                                 "--cases", "stock,ours"],
+                                ["case", "train tokens/s", "vs stock", "eval tokens/s", "eval loss"], 2),
+    "bench_vs_stock.py preprocess": (["--repeats", "1", "--lines", "150", "--block_size", "128", "--rounds", "1"],
+                                     ["pipeline", "process s", "speed vs stock", "peak RSS MB"], 2),
 }
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
-def test_benchmark_prints_its_table(script):
-    args, columns, n_rows = CASES[script]
-    process = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_benchmark_prints_its_table(case):
+    args, columns, n_rows = CASES[case]
+    script, *row = case.split()
+    process = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *row, *args], cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-3000:]
     table = [line for line in process.stdout.splitlines() if line.startswith("|")]

@@ -9,6 +9,7 @@ import transformers
 
 from . import run_folder
 from .auto_ddp import run_on_all_devices
+from .cpu import keep_freed_memory, log_precision_hint
 from .device import describe_device
 from .errors import TrainingStopped, UsageError
 
@@ -34,7 +35,7 @@ def setup_logging(training_args) -> None:
 
 
 def start_run(training_args) -> None:
-    """What happens between parsing and the recipe: logging, one process per device, seeds.
+    """What happens between parsing and the recipe: logging, one process per device, seeds, CPU set-up.
 
     A plain ``python run_*.py`` that sees several GPUs or NPUs does not return from here: it is
     replaced by one process per device under torchrun (``utils/auto_ddp.py``), each of which
@@ -46,6 +47,11 @@ def start_run(training_args) -> None:
     transformers.set_seed(training_args.seed)  # Python, NumPy, torch and every device, before the model is built
     if training_args.process_index == 0:
         logger.info("Device: %s", describe_device(device))
+    if device == "cpu":
+        if keep_freed_memory():  # before the model and its buffers are allocated: see utils/cpu.py
+            logger.info("Allocator: freed memory is kept for reuse (set LM_KEEP_FREED_MEMORY=0 to turn it off)")
+        if training_args.process_index == 0:
+            log_precision_hint(training_args)
 
 
 def run_cli(main) -> None:

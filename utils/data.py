@@ -11,12 +11,15 @@ with the same inputs memory-maps it instead of tokenizing again.
 """
 
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 
 import datasets
 import numpy as np
@@ -25,6 +28,7 @@ import pyarrow.compute  # noqa: F401  (makes pa.compute available)
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
 from .errors import UsageError
+from .fast_tokenize import exact_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ CACHE_FORMAT = 1
 # Plain text also under WikiText's own extensions (.raw, .tokens).
 BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 PACK_ROWS = 10_000  # rows of token lists packed at a time when preparing a split
+SAMPLE_ROWS = 1000  # rows, spread over the split, on which a faster tokenizer path must give the same ids
 STREAM_GROUP_ROWS = 1000  # rows packed together when grouping a stream on the fly
 # A stream may never end: without --max_eval_samples, evaluation stops after this many samples.
 STREAM_EVAL_SAMPLES = 1000
@@ -269,9 +274,13 @@ class SampleRecipe:
         """Samples from an in-memory or memory-mapped split, reading only the rows that are needed."""
         n_rows = len(rows)
         count = min(n_rows, 2000) if max_samples is not None else n_rows
+        encode = None if self.line_by_line else self._ids_function(rows)
         while True:
-            tokens = self._tokenize_rows(rows.select(range(count)) if count < n_rows else rows, workdir)
-            samples = tokens if self.line_by_line else self._pack(tokens, workdir)
+            prefix = rows.select(range(count)) if count < n_rows else rows
+            if self.line_by_line:
+                samples = self._tokenize_rows(prefix, workdir)
+            else:
+                samples = self._pack(self._token_pieces(prefix, encode), os.path.join(workdir, f"blocks-{count}.arrow"))
             if max_samples is None or len(samples) >= max_samples or count == n_rows:
                 break
             # Grow the prefix towards the size that should hold enough samples, at least doubling it.
@@ -293,17 +302,63 @@ class SampleRecipe:
             desc="Tokenizing",
         )
 
-    def _pack(self, tokens: Dataset, workdir: str) -> Dataset:
+    def _ids_function(self, rows: Dataset):
+        """texts -> their ids one after the other: tiktoken where it is exact on this text, else the tokenizer."""
+        n_rows = len(rows)
+        spread = np.unique(np.linspace(0, n_rows - 1, min(n_rows, SAMPLE_ROWS)).astype(np.int64)) if n_rows else []
+        encoder = exact_encoder(self.tokenizer, list(rows.select(spread)[self.column]))
+        if encoder is not None:
+            return lambda texts: encoder.encode(texts)[0]
+        return self._tokenizer_ids
+
+    def _tokenizer_ids(self, texts: list[str]) -> np.ndarray:
+        lists = self.tokenize({self.column: texts})["input_ids"]
+        return np.fromiter(itertools.chain.from_iterable(lists), np.int32)
+
+    def _token_pieces(self, rows: Dataset, encode) -> Iterator[np.ndarray]:
+        """The ids of PACK_ROWS rows at a time, in order; tokenized in ``num_proc`` processes if asked."""
+        bounds = [(start, min(start + PACK_ROWS, len(rows))) for start in range(0, len(rows), PACK_ROWS)]
+        if not self.num_proc or self.num_proc < 2 or len(bounds) < 2:
+            for texts in self._text_pieces(rows, bounds):
+                yield encode(texts)
+            return
+        global _WORKER_TASK
+        _WORKER_TASK = (rows, self.column, encode)  # forked workers inherit it: the text is not sent
+        try:
+            with multiprocessing.get_context("fork").Pool(self.num_proc) as pool:
+                yield from pool.imap(_encode_range, bounds)
+        finally:
+            _WORKER_TASK = None
+
+    def _text_pieces(self, rows: Dataset, bounds: list[tuple[int, int]]) -> Iterator[list[str]]:
+        """The text, a piece at a time; from the split's Arrow files by plain reads when it is all of them.
+
+        Pages of a memory-mapped file count in the process's resident memory, which would then grow
+        with the corpus; read pieces are freed as the next one comes.
+        """
+        files = [entry["filename"] for entry in rows.cache_files]
+        if rows._indices is not None or not files:
+            for start, stop in bounds:
+                yield rows[start:stop][self.column]
+            return
+        for path in files:
+            with pa.OSFile(path) as source, pa.ipc.open_stream(source) as reader:
+                for batch in reader:
+                    column = batch.column(batch.schema.get_field_index(self.column))
+                    for start in range(0, len(column), PACK_ROWS):
+                        yield column.slice(start, PACK_ROWS).to_pylist()
+
+    def _pack(self, pieces: Iterator[np.ndarray], path: str) -> Dataset:
         """Blocks written to an Arrow file piece by piece, so memory does not grow with the corpus.
 
         The stream stays continuous: the tokens left over after one piece start the next one.
         """
-        path = os.path.join(workdir, f"blocks-{len(tokens)}.arrow")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         schema = pa.schema({"input_ids": pa.list_(pa.int32(), self.seq_len)})
         carry = np.empty(0, np.int32)
         with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for batch in tokens.data.to_batches(max_chunksize=PACK_ROWS):
-                flat = np.concatenate([carry, _flatten_lists(batch.column(0))])
+            for ids in pieces:
+                flat = np.concatenate([carry, ids.astype(np.int32, copy=False)])
                 blocks = pack_blocks(flat, self.seq_len)
                 carry = flat[blocks.size:]
                 if len(blocks):
@@ -330,8 +385,12 @@ def pack_blocks(flat: np.ndarray, seq_len: int) -> np.ndarray:
     return flat[: n_blocks * seq_len].reshape(n_blocks, seq_len)
 
 
-def _flatten_lists(column: pa.ListArray) -> np.ndarray:
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+_WORKER_TASK = None  # (rows, column, encode) of the split being tokenized by forked workers
+
+
+def _encode_range(bounds: tuple[int, int]) -> np.ndarray:
+    rows, column, encode = _WORKER_TASK
+    return encode(rows[bounds[0]:bounds[1]][column])
 
 
 # ------------------------------------------------------------------------------ cache

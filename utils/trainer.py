@@ -13,6 +13,7 @@ from .data import num_samples
 from .device import device_name
 from .errors import TrainingStopped
 from .failures import run_guard
+from .ddp import set_find_unused_parameters
 from .metrics import TokenAccuracy, perplexity
 from .modeling import weigh_loss_by_num_items
 from .reliability import (EXIT_NONFINITE_LOSS, NonFiniteLossCallback, PreemptionCallback, SignalSafeLoadersMixin,
@@ -39,6 +40,8 @@ class LMTrainer(AtomicCheckpointsMixin, SignalSafeLoadersMixin, MixedPrecisionMi
     def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None, **kwargs):
         kwargs["args"].batch_eval_metrics = True
         kwargs["args"].prediction_loss_only = False
+        set_find_unused_parameters(kwargs["args"], kwargs.get("model"), kwargs.get("data_collator"),
+                                   kwargs.get("train_dataset"))  # before the Trainer sets up DDP
         if kwargs["args"].device.type == "cpu":
             # Pinned memory only speeds up copies to an accelerator; on the CPU torch just warns.
             kwargs["args"].dataloader_pin_memory = False

@@ -1,0 +1,390 @@
+"""This project against the stock Hugging Face pipeline, in one command, back to back, with the ratio.
+
+"stock" is what the Hugging Face run_clm.py example does, re-implemented here: the tokenizer
+called in datasets.map (batches of 1,000 rows), group_texts concatenating Python lists (labels
+copied), default_data_collator, transformers' Trainer with the same TrainingArguments. "ours" is
+run_clm.py. Each case is one fresh process; with --rounds N the cases alternate N times, and the
+ratio is taken between medians.
+
+    python benchmarks/bench_vs_stock.py train --shape tiny --steps 60            # fp32, 2 x 64, block 128
+    python benchmarks/bench_vs_stock.py train --shape small --steps 20           # 6 x 384, block 256
+    python benchmarks/bench_vs_stock.py train --shape tiny --precision bf16      # bf16 O2 + combine_grad
+    python benchmarks/bench_vs_stock.py precision --shape small --steps 12       # ours: fp32, bf16 O1, bf16 O2
+    python benchmarks/bench_vs_stock.py preprocess --repeats 5                   # cold, WikiText-2 x5
+    python benchmarks/bench_vs_stock.py ddp --steps 30                           # 2-process CPU launcher
+    python benchmarks/bench_vs_stock.py train --shape tiny --steps 3 --rounds 1  # seconds
+
+train: tokens/s are timed after --warmup steps by the same clock on both sides
+(utils/throughput.py); evaluation tokens/s and loss come from trainer.evaluate() on the same
+validation blocks. "ours, one lever off" rows turn one of our levers off (LM_KEEP_FREED_MEMORY=0: the
+allocator setting of utils/cpu.py), to measure it alone.
+precision: ours in fp32, bf16 O1 and bf16 O2 + combine_grad, and stock fp32, back to back; the
+ratio is to ours in fp32.
+ddp: scripts/train_clm_8p.sh with NPROC_PER_NODE=2 DEVICE=cpu AMP_FLAGS="" (fp32, DDP over gloo),
+before (--ddp_find_unused_parameters true, what transformers picks for every model) and after
+(ours: set from what the model uses).
+preprocess: wall time of a whole fresh process (start, imports, loading the text, tokenizing,
+packing) on an empty cache, and its peak RSS, also as it was once datasets had loaded the text
+(its text builder's share, the same for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import chain
+from pathlib import Path
+
+from common import print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT / "data" / "wikitext-2-v1"
+TOKENIZERS = ROOT / "data" / "tokenizers"
+SHAPES = {  # n_layer, n_embd, n_head, block
+    "tiny": (2, 64, 2, 128),
+    "small": (6, 384, 6, 256),
+}
+PRECISIONS = {  # stock's flags, ours
+    "fp32": ([], []),
+    "bf16": (["--bf16"], ["--bf16", "--fp16_opt_level", "O2", "--use_combine_grad"]),
+    "bf16-O1": (["--bf16"], ["--bf16", "--fp16_opt_level", "O1"]),
+}
+TRAIN_CASES = {"stock": {}, "ours": {}, "ours, allocator setting off": {"LM_KEEP_FREED_MEMORY": "0"}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("row", choices=["train", "precision", "preprocess", "ddp"])
+    parser.add_argument("--shape", default="tiny", choices=SHAPES)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--eval_blocks", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the cases this many times")
+    parser.add_argument("--cases", default=None, help="comma list of cases (default: all)")
+    parser.add_argument("--repeats", type=int, default=5, help="preprocess: WikiText-2 train this many times")
+    parser.add_argument("--lines", type=int, default=0, help="preprocess: only the first LINES lines (0: all)")
+    parser.add_argument("--tokenizer", default="gpt2", help="preprocess: a folder under data/tokenizers")
+    parser.add_argument("--block_size", type=int, default=1024, help="preprocess: block length")
+    parser.add_argument("--pipelines", default="stock,ours", help="preprocess: which pipelines (stock first)")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.warmup = min(args.warmup, args.steps - 1)
+    return args
+
+
+# ------------------------------------------------------------------------ stock, in a subprocess
+
+
+def stock_blocks(tokenizer, files: dict, block_size: int, cache: str):
+    """The Hugging Face run_clm.py example's preprocessing, as written there."""
+    from datasets import load_dataset
+
+    raw = load_dataset("text", data_files=files, cache_dir=cache, keep_linebreaks=True)
+    LOADED_RSS.append(_peak_rss_mb())
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]]) // block_size * block_size
+        result = {k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
+                  for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    tokenized = raw.map(lambda examples: tokenizer(examples["text"]), batched=True, remove_columns=["text"])
+    return tokenized.map(group_texts, batched=True)
+
+
+def stock_accuracy(eval_prediction) -> dict:
+    """evaluate's "accuracy" on all predictions at once, as the example computes it."""
+    predictions, labels = eval_prediction
+    labels, predictions = labels[:, 1:].reshape(-1), predictions[:, :-1].reshape(-1)
+    scored = labels != -100
+    return {"accuracy": float((predictions[scored] == labels[scored]).mean())}
+
+
+def stock_train(flags_json: str, out: str) -> None:
+    """Train and evaluate as the example does; results to OUT/results.json."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer,
+                              TrainingArguments, default_data_collator)
+
+    sys.path.insert(0, str(ROOT))
+    from utils.throughput import ThroughputCallback
+
+    spec = json.loads(flags_json)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
+    blocks = stock_blocks(tokenizer, {"train": spec["train"], "validation": spec["validation"]}, spec["block"],
+                          str(Path(out).parent / "stock-cache"))
+    config = AutoConfig.for_model("gpt2", **spec["config"])
+    (training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(spec["training_flags"])
+    model = AutoModelForCausalLM.from_config(config)
+    clock = ThroughputCallback(spec["warmup"])
+    trainer = Trainer(model=model, args=training_args, data_collator=default_data_collator,
+                      compute_metrics=stock_accuracy, preprocess_logits_for_metrics=lambda logits, _: logits.argmax(-1),
+                      train_dataset=blocks["train"].select(range(spec["train_blocks"])),
+                      eval_dataset=blocks["validation"].select(range(spec["eval_blocks"])), callbacks=[clock])
+    trainer.train()
+    metrics = {**clock.metrics(training_args, model, spec["block"]), **trainer.evaluate()}
+    Path(out, "results.json").write_text(json.dumps(metrics))
+
+
+def stock_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / tokenizer_name)
+    blocks = stock_blocks(tokenizer, {"train": text}, block_size, cache)
+    report_preprocess(len(blocks["train"]) * block_size)
+
+
+def ours_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    from types import SimpleNamespace
+
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    from utils.data import prepare_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / tokenizer_name)
+    raw = load_dataset("text", data_files={"train": text}, cache_dir=cache, keep_linebreaks=True)
+    LOADED_RSS.append(_peak_rss_mb())
+    data_args = SimpleNamespace(streaming=False, max_train_samples=None, max_eval_samples=None, text_column_name=None,
+                                preprocessing_num_workers=None, overwrite_cache=False)
+    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=_NoWait)
+    samples = prepare_datasets(raw, tokenizer, data_args, training_args, seq_len=block_size, cache_dir=cache)
+    report_preprocess(len(samples["train"]) * block_size)
+
+
+LOADED_RSS = []  # peak RSS once datasets has loaded the text (its text builder's share of the peak)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def report_preprocess(tokens: int) -> None:
+    print(json.dumps({"tokens": tokens, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": LOADED_RSS[0]}))
+
+
+class _NoWait:
+    def __init__(self, desc=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def worker(args) -> None:
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    kind, *rest = args.worker
+    {"stock-train": stock_train, "stock-preprocess": stock_preprocess, "ours-preprocess": ours_preprocess}[kind](
+        *rest[:2], *([rest[2], int(rest[3])] if kind.endswith("preprocess") else []))
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def _run(command: list[str], env: dict | None = None) -> tuple[float, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    start = time.perf_counter()
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{process.stderr[-3000:]}")
+    return seconds, process.stdout
+
+
+def train_case(case: str, args, folder: Path, files: dict) -> dict:
+    layers, width, heads, block = SHAPES[args.shape]
+    out = folder / f"out-{len(list(folder.iterdir()))}"
+    common = ["--do_train", "--do_eval", "--max_steps", str(args.steps), "--per_device_train_batch_size",
+              str(args.batch_size), "--per_device_eval_batch_size", str(args.batch_size), "--learning_rate", "5e-4",
+              "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--log_level", "warning",
+              "--seed", "7", "--output_dir", str(out)]
+    stock_flags, our_flags = PRECISIONS[args.precision]
+    config = {"n_layer": layers, "n_embd": width, "n_head": heads, "n_positions": block}
+    if case == "stock":
+        out.mkdir()
+        spec = {"train": files["train"], "validation": files["validation"], "block": block, "config": config,
+                "training_flags": common + stock_flags, "warmup": args.warmup,
+                "train_blocks": args.steps * args.batch_size, "eval_blocks": args.eval_blocks}
+        _run([sys.executable, __file__, "train", "--worker", "stock-train", json.dumps(spec), str(out)])
+        results = json.loads((out / "results.json").read_text())
+    else:
+        overrides = ",".join(f"{k}={v}" for k, v in config.items())
+        _run([sys.executable, "run_clm.py", "--model_type", "gpt2", "--tokenizer_name", str(TOKENIZERS / "gpt2"),
+              "--config_overrides", overrides, "--block_size", str(block), "--train_file", files["train"],
+              "--validation_file", files["validation"], "--max_train_samples", str(args.steps * args.batch_size),
+              "--max_eval_samples", str(args.eval_blocks), "--fps_warmup_steps", str(args.warmup),
+              "--cache_dir", str(folder / "cache"), *common, *our_flags], env=TRAIN_CASES[case])
+        results = {**json.loads((out / "train_results.json").read_text()),
+                   **json.loads((out / "eval_results.json").read_text())}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tokens/s": results["fps_tokens_per_second"], "eval tokens/s": results["eval_samples_per_second"] * block,
+            "eval loss": results["eval_loss"]}
+
+
+def precision_row(args, folder: Path) -> None:
+    files = training_text(folder, args)
+    cases = [("ours", "fp32"), ("ours", "bf16-O1"), ("ours", "bf16"), ("stock", "fp32")]
+    results = {case: [] for case in cases}
+    for _ in range(args.rounds):
+        for case, precision in cases:
+            run_args = argparse.Namespace(**{**vars(args), "precision": precision})
+            results[(case, precision)].append(train_case(case, run_args, folder, files))
+            print(case, precision, results[(case, precision)][-1], file=sys.stderr, flush=True)
+    medians = {key: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for key, runs in results.items()}
+    base = medians[("ours", "fp32")]
+    labels = {"fp32": "fp32", "bf16-O1": "--bf16 --fp16_opt_level O1", "bf16": "--bf16 O2 --use_combine_grad"}
+    rows = [[case, labels[precision], f"{m['tokens/s']:,.0f}", f"{m['tokens/s'] / base['tokens/s']:.2f}x",
+             f"{m['eval loss']:.4f}", " / ".join(f"{r['tokens/s']:,.0f}" for r in results[(case, precision)])]
+            for (case, precision), m in medians.items()]
+    layers, width, _, block = SHAPES[args.shape]
+    print(f"precision, GPT-2 {layers} x {width}, block {block}, batch {args.batch_size}, {args.steps} steps "
+          f"({args.steps - args.warmup} timed), median of {args.rounds}")
+    print_table(["pipeline", "precision", "train tokens/s", "vs ours fp32", "eval loss", "each round tokens/s"], rows)
+
+
+def training_text(folder: Path, args) -> dict:
+    """Enough WikiText-2 train lines for the run (both sides tokenize all of it, untimed), and validation."""
+    block = SHAPES[args.shape][3]
+    needed_tokens = args.steps * args.batch_size * block * 1.3
+    lines, tokens = [], 0
+    for line in (WIKI / "wiki.train.tokens").read_text(encoding="utf-8").splitlines(keepends=True):
+        lines.append(line)
+        tokens += len(line) / 4  # about 4 characters a token
+        if tokens > needed_tokens:
+            break
+    (folder / "train.txt").write_text("".join(lines), encoding="utf-8")
+    valid = (WIKI / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(keepends=True)[:1200]
+    (folder / "valid.txt").write_text("".join(valid), encoding="utf-8")
+    return {"train": str(folder / "train.txt"), "validation": str(folder / "valid.txt")}
+
+
+def train_row(args, folder: Path) -> None:
+    files = training_text(folder, args)
+    cases = args.cases.split(",") if args.cases else list(TRAIN_CASES)
+    results = {case: [] for case in cases}
+    for _ in range(args.rounds):
+        for case in cases:
+            results[case].append(train_case(case, args, folder, files))
+            print(case, results[case][-1], file=sys.stderr, flush=True)
+    medians = {case: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for case, runs in results.items()}
+    base = medians.get("stock")
+    rows = []
+    for case, median in medians.items():
+        ratio = lambda key: f"{median[key] / base[key]:.2f}x" if base else "-"  # noqa: E731
+        rows.append([case, f"{median['tokens/s']:,.0f}", ratio("tokens/s"), f"{median['eval tokens/s']:,.0f}",
+                     ratio("eval tokens/s"), f"{median['eval loss']:.4f}",
+                     f"{median['eval loss'] / base['eval loss']:.4f}" if base else "-",
+                     " / ".join(f"{r['tokens/s']:,.0f}" for r in results[case])])
+    layers, width, _, block = SHAPES[args.shape]
+    print(f"train, GPT-2 {layers} x {width}, block {block}, batch {args.batch_size}, {args.steps} steps "
+          f"({args.steps - args.warmup} timed), {args.precision}, median of {args.rounds}")
+    print_table(["case", "train tokens/s", "vs stock", "eval tokens/s", "vs stock", "eval loss", "vs stock",
+                 "each round tokens/s"], rows)
+
+
+def ddp_case(case: str, args, folder: Path, files: dict) -> tuple[float, bool]:
+    import socket
+
+    layers, width, heads, block = SHAPES[args.shape]
+    out = folder / f"ddp-{len(list(folder.iterdir()))}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    overrides = f"n_layer={layers},n_embd={width},n_head={heads},n_positions={block}"
+    before = ["--ddp_find_unused_parameters", "true"] if case == "before" else []
+    _run(["bash", "scripts/train_clm_8p.sh", "--model_type", "gpt2", "--tokenizer_name", str(TOKENIZERS / "gpt2"),
+          "--config_overrides", overrides, "--block_size", str(block), "--train_file", files["train"],
+          "--max_train_samples", str(2 * args.steps * args.batch_size), "--max_steps", str(args.steps),
+          "--per_device_train_batch_size", str(args.batch_size), "--fps_warmup_steps", str(args.warmup),
+          "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7",
+          "--cache_dir", str(folder / "cache"), "--output_dir", str(out), *before],
+         env={"NPROC_PER_NODE": "2", "DEVICE": "cpu", "AMP_FLAGS": "", "MASTER_PORT": str(port)})
+    log = (out / "train.log").read_text()
+    warned = "did not find any unused parameters" in log
+    tokens_per_second = json.loads((out / "train_results.json").read_text())["fps_tokens_per_second"]
+    shutil.rmtree(out, ignore_errors=True)
+    return tokens_per_second, warned
+
+
+def ddp_row(args, folder: Path) -> None:
+    args.steps = max(args.steps, 2)
+    files = training_text(folder, argparse.Namespace(**{**vars(args), "batch_size": 2 * args.batch_size}))
+    results = {"before": [], "after": []}
+    for _ in range(args.rounds):
+        for case in results:
+            results[case].append(ddp_case(case, args, folder, files))
+            print(case, results[case][-1], file=sys.stderr, flush=True)
+    base = statistics.median(r[0] for r in results["before"])
+    rows = []
+    for case, runs in results.items():
+        median = statistics.median(r[0] for r in runs)
+        rows.append([case, "true" if case == "before" else "from the model", f"{median:,.0f}", f"{median / base:.2f}x",
+                     "yes" if any(r[1] for r in runs) else "no", " / ".join(f"{r[0]:,.0f}" for r in runs)])
+    layers, width, _, block = SHAPES[args.shape]
+    print(f"2-process CPU launcher, fp32, GPT-2 {layers} x {width}, block {block}, batch {args.batch_size} per "
+          f"process, {args.steps} steps ({args.steps - args.warmup} timed), median of {args.rounds}")
+    print_table(["case", "find_unused_parameters", "tokens/s (both)", "vs before", "torch's no-unused warning",
+                 "each round tokens/s"], rows)
+
+
+def preprocess_row(args, folder: Path) -> None:
+    source = (WIKI / "wiki.train.tokens").read_text(encoding="utf-8")
+    if args.lines:
+        source = "".join(source.splitlines(keepends=True)[:args.lines])
+    text = folder / f"train-x{args.repeats}.txt"
+    text.write_text(source * args.repeats, encoding="utf-8")
+    results = {pipeline: [] for pipeline in args.pipelines.split(",")}
+    for _ in range(args.rounds):
+        for pipeline in results:
+            cache = folder / f"cache-{pipeline}"
+            shutil.rmtree(cache, ignore_errors=True)
+            seconds, stdout = _run([sys.executable, __file__, "preprocess", "--worker", f"{pipeline}-preprocess",
+                                    str(text), str(cache), args.tokenizer, str(args.block_size)],
+                                   env={"TOKENIZERS_PARALLELISM": "true"})
+            results[pipeline].append({"seconds": seconds, **json.loads(stdout.strip().splitlines()[-1])})
+            print(pipeline, results[pipeline][-1], file=sys.stderr, flush=True)
+            shutil.rmtree(cache, ignore_errors=True)
+    stock_s = statistics.median(r["seconds"] for r in results.get("stock") or next(iter(results.values())))
+    rows = []
+    for pipeline, runs in results.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        rows.append([pipeline, f"{seconds:.1f}", f"{stock_s / seconds:.2f}x", f"{runs[0]['tokens']:,}",
+                     f"{max(r['loaded_rss_mb'] for r in runs):.0f}", f"{max(r['peak_rss_mb'] for r in runs):.0f}",
+                     " / ".join(f"{r['seconds']:.1f}" for r in runs)])
+    print(f"cold preprocessing, WikiText-2 train x{args.repeats} ({text.stat().st_size / 2**20:.1f} MB), "
+          f"{args.tokenizer} tokenizer, block {args.block_size}, median of {args.rounds}")
+    print_table(["pipeline", "process s", "speed vs stock", "tokens", "peak RSS after loading the text MB",
+                 "peak RSS MB", "each round s"], rows)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    folder = Path(tempfile.mkdtemp(prefix="bench_vs_stock-"))
+    try:
+        rows = {"train": train_row, "precision": precision_row, "preprocess": preprocess_row, "ddp": ddp_row}
+        rows[args.row](args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
