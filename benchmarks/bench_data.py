@@ -18,6 +18,7 @@ subprocess (loading the text file into Arrow + tokenizing + grouping), not the i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -60,7 +61,7 @@ def prepare_ours(text: str, cache: str, block_size: int) -> int:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     data_args = SimpleNamespace(streaming=False, max_train_samples=None, max_eval_samples=None,
                                 text_column_name=None, preprocessing_num_workers=None, overwrite_cache=False)
-    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=_NoWait)
+    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=lambda desc=None: contextlib.nullcontext())
     # Loaded as the hf case loads it (the scripts would also hold out a validation share).
     raw = load_dataset("text", data_files={"train": text}, cache_dir=cache, keep_linebreaks=True)
     samples = prepare_datasets(raw, tokenizer, data_args, training_args, seq_len=block_size, cache_dir=cache)
@@ -92,17 +93,6 @@ def prepare_hf(text: str, cache: str, block_size: int) -> int:
     tokenized = raw.map(tokenize_function, batched=True, remove_columns=["text"], desc="Running tokenizer")
     grouped = tokenized.map(group_texts, batched=True, desc=f"Grouping texts in chunks of {block_size}")
     return len(grouped["train"]) * block_size
-
-
-class _NoWait:
-    def __init__(self, desc=None):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def worker(pipeline: str, text: str, cache: str, block_size: int) -> None:

@@ -15,7 +15,7 @@ ratio is taken between medians.
     python benchmarks/bench_vs_stock.py train --shape tiny --steps 3 --rounds 1  # seconds
 
 train: tokens/s are timed after --warmup steps by the same clock on both sides
-(utils/throughput.py); evaluation tokens/s and loss come from trainer.evaluate() on the same
+(utils/speed.py); evaluation tokens/s and loss come from trainer.evaluate() on the same
 validation blocks. "ours, one lever off" rows turn one of our levers off (LM_KEEP_FREED_MEMORY=0: the
 allocator setting of utils/cpu.py), to measure it alone.
 precision: ours in fp32, bf16 O1 and bf16 O2 + combine_grad, and stock fp32, back to back; the
@@ -31,6 +31,7 @@ packing) on an empty cache, and its peak RSS, also as it was once datasets had l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -118,7 +119,7 @@ def stock_train(flags_json: str, out: str) -> None:
                               TrainingArguments, default_data_collator)
 
     sys.path.insert(0, str(ROOT))
-    from utils.throughput import ThroughputCallback
+    from utils.speed import SpeedCallback
 
     spec = json.loads(flags_json)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
@@ -127,13 +128,13 @@ def stock_train(flags_json: str, out: str) -> None:
     config = AutoConfig.for_model("gpt2", **spec["config"])
     (training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(spec["training_flags"])
     model = AutoModelForCausalLM.from_config(config)
-    clock = ThroughputCallback(spec["warmup"])
+    clock = SpeedCallback(spec["warmup"], spec["block"])
     trainer = Trainer(model=model, args=training_args, data_collator=default_data_collator,
                       compute_metrics=stock_accuracy, preprocess_logits_for_metrics=lambda logits, _: logits.argmax(-1),
                       train_dataset=blocks["train"].select(range(spec["train_blocks"])),
                       eval_dataset=blocks["validation"].select(range(spec["eval_blocks"])), callbacks=[clock])
     trainer.train()
-    metrics = {**clock.metrics(training_args, model, spec["block"]), **trainer.evaluate()}
+    metrics = {**clock.metrics(training_args, model), **trainer.evaluate()}
     Path(out, "results.json").write_text(json.dumps(metrics))
 
 
@@ -159,7 +160,7 @@ def ours_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int)
     LOADED_RSS.append(_peak_rss_mb())
     data_args = SimpleNamespace(streaming=False, max_train_samples=None, max_eval_samples=None, text_column_name=None,
                                 preprocessing_num_workers=None, overwrite_cache=False)
-    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=_NoWait)
+    training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=lambda desc=None: contextlib.nullcontext())
     samples = prepare_datasets(raw, tokenizer, data_args, training_args, seq_len=block_size, cache_dir=cache)
     report_preprocess(len(samples["train"]) * block_size)
 
@@ -173,17 +174,6 @@ def _peak_rss_mb() -> float:
 
 def report_preprocess(tokens: int) -> None:
     print(json.dumps({"tokens": tokens, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": LOADED_RSS[0]}))
-
-
-class _NoWait:
-    def __init__(self, desc=None):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def worker(args) -> None:

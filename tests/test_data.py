@@ -1,5 +1,6 @@
 """The data pipeline on real WikiText-2 text and the real GPT-2 / BERT tokenizers."""
 
+import contextlib
 import logging
 from types import SimpleNamespace
 
@@ -75,7 +76,7 @@ def test_prepared_data_is_cached_and_reused(rows, gpt2, tmp_path, caplog):
     data_args = SimpleNamespace(max_train_samples=None, max_eval_samples=None, text_column_name=None,
                                 preprocessing_num_workers=None, overwrite_cache=False, streaming=False)
     training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1,
-                                    main_process_first=lambda desc: _null_context())
+                                    main_process_first=lambda desc: contextlib.nullcontext())
     raw = {"train": rows}
     cache = str(tmp_path)
 
@@ -106,14 +107,6 @@ def test_prepared_data_is_cached_and_reused(rows, gpt2, tmp_path, caplog):
     assert 4 * n_tokens <= size < 5 * n_tokens
 
 
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ------------------------------------------------------------- cache keys and workers
 
 
@@ -123,7 +116,7 @@ def _args(**changes):
                                 train_file=None, validation_file=None, dataset_name=None, keep_linebreaks=True,
                                 validation_split_percentage=5)
     training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1,
-                                    main_process_first=lambda desc: _null_context())
+                                    main_process_first=lambda desc: contextlib.nullcontext())
     for key, value in changes.items():
         setattr(training_args if hasattr(training_args, key) else data_args, key, value)
     return data_args, training_args
