@@ -17,7 +17,8 @@ from utils.amp import AmpConfig, LossScaler, MixedPrecisionOptimizer, autocast_c
     is_norm_module, prepare_model
 from utils.arguments import LMTrainingArguments
 from utils.errors import TrainingStopped, UsageError
-from utils.reliability import NonFiniteLossCallback, find_callback, stop_reason
+from utils.reliability import NonFiniteLossCallback, find_callback
+from utils.trainer import stop_reason
 
 FP16, BF16 = torch.float16, torch.bfloat16
 

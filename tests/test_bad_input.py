@@ -171,7 +171,8 @@ def bad_file_found_mid_stream(w):
     (folder / "train-1.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     return Bad([*GPT2_SCRATCH, "--do_train", "--streaming", "--max_steps", "500", "--per_device_train_batch_size",
                 "2", "--report_to", "none", "--dataset_name", folder, "--output_dir", w.out],
-               ("train-1.jsonl", "cannot be read", "while streaming"), new_files=("out", "out/run_info.json"))
+               ("train-1.jsonl", "cannot be read", "while streaming"),
+               new_files=("out", "out/run_info.json", "out/run_state.json"))  # training had begun
 
 
 # ---------------------------------------------------------------------------- model and tokenizer
@@ -415,7 +416,7 @@ def disk_full_while_saving_a_checkpoint(w):
                      "--per_device_train_batch_size", "2"),
                ("no space left", "checkpoint-2", "checkpoint-1", "complete and untouched", "resume"),
                env={"FULL_DISK_AT": "checkpoint-2"}, wrapper=(ROOT / "tests" / "full_disk.py",),
-               new_files=("out", "out/run_info.json", "out/checkpoint-1/**"))
+               new_files=("out", "out/run_info.json", "out/run_state.json", "out/checkpoint-1/**"))
 
 
 # ---------------------------------------------------------------------------- launchers

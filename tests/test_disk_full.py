@@ -39,7 +39,8 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_the_run_resumes(
     errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no space left" in errors[0] and "checkpoint-1" in errors[0], errors
     assert checkpoint_problem(str(out / "checkpoint-1")) is None
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "run_info.json"]  # the unfinished save is gone
+    # The unfinished save is gone; the run's record says which run checkpoint-1 belongs to.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "run_info.json", "run_state.json"]
 
     # Room again: the same command resumes from checkpoint-1 and finishes.
     subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
