@@ -16,7 +16,8 @@ from utils.arguments import parse_args
 from utils.checkpoints import checkpoint_to_resume
 from utils.cli import run_cli, start_run
 from utils.collators import CausalLMCollator
-from utils.data import load_raw_datasets, prepare_datasets
+from utils.data import prepare_datasets
+from utils.raw_data import load_raw_datasets
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, resolve_seq_len
 from utils.resume_check import check_resumable

@@ -16,7 +16,8 @@ from utils.arguments import SequenceArguments, parse_args
 from utils.checkpoints import checkpoint_to_resume
 from utils.cli import run_cli, start_run
 from utils.collators import PermutationLMCollator
-from utils.data import load_raw_datasets, prepare_datasets, tokens_per_sample
+from utils.data import prepare_datasets, tokens_per_sample
+from utils.raw_data import load_raw_datasets
 from utils.errors import UsageError
 from utils.metrics import TokenAccuracy
 from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len

@@ -66,7 +66,8 @@ def worker(mode: str, script_args: list[str]) -> None:
 
     if mode == "prepare":
         from utils.arguments import parse_args as parse_script_args
-        from utils.data import load_raw_datasets, prepare_datasets
+        from utils.data import prepare_datasets
+        from utils.raw_data import load_raw_datasets
         from utils.modeling import load_tokenizer
 
         model_args, data_args, clm_args, training_args = parse_script_args(run_clm.CausalLMArguments)

@@ -1,7 +1,7 @@
 """Mixed-precision runs that once gave a wrong model without any error, one test each.
 
 In-process LMTrainer runs on the tiny models of ``amp_cases`` and ``test_amp_trainer``; the
-non-finite-loss faults come from ``LM_TEST_FAULTS`` (utils/reliability.py).
+non-finite losses come from the test-only fault plugin (tests/fault_plugin/sitecustomize.py).
 """
 
 import math
@@ -18,6 +18,7 @@ from utils.amp import AmpConfig, LossScaler, MixedPrecisionOptimizer, autocast_c
 from utils.arguments import LMTrainingArguments
 from utils.errors import TrainingStopped, UsageError
 from utils.reliability import NonFiniteLossCallback, find_callback
+from fault_plugin.sitecustomize import _make_callback_class
 from utils.trainer import stop_reason
 
 FP16, BF16 = torch.float16, torch.bfloat16
@@ -33,15 +34,21 @@ class Snapshots(TrainerCallback):
         self.taken.append(fp32_state_dict(self.trainer.model, self.trainer.amp_optimizer))
 
 
+def nan_loss_at(step: int, trainer, monkeypatch) -> None:
+    """The model's loss is NaN in optimizer step ``step`` of this in-process trainer."""
+    monkeypatch.setenv("LM_FAULT_PLAN", f"nan_loss@{step}")
+    trainer.add_callback(_make_callback_class()(trainer))
+
+
 def same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[name], b[name]) for name in a)
 
 
 # ------------------------------------------------ a skipped non-finite loss under combine_grad
 def test_skipping_a_nonfinite_loss_with_combine_grad_goes_on_training(tmp_path, monkeypatch):
-    monkeypatch.setenv("LM_TEST_FAULTS", "nan_loss@2")
     trainer = make_trainer(tmp_path, bf16=True, fp16_opt_level="O2", use_combine_grad=True,
                            on_nonfinite_loss="skip", max_steps=5, lr_scheduler_type="constant")
+    nan_loss_at(2, trainer, monkeypatch)
     snapshots = Snapshots(trainer)
     trainer.add_callback(snapshots)
     trainer.train()
@@ -55,8 +62,8 @@ def test_skipping_a_nonfinite_loss_with_combine_grad_goes_on_training(tmp_path, 
 
 # ------------------------------------------- fp16 O0: the guard watches what no scaler does
 def test_fp16_o0_has_the_nonfinite_loss_guard(tmp_path, monkeypatch):
-    monkeypatch.setenv("LM_TEST_FAULTS", "nan_loss@2")
     trainer = make_trainer(tmp_path, fp16=True, fp16_opt_level="O0", max_steps=4)
+    nan_loss_at(2, trainer, monkeypatch)
     trainer.train()
     assert trainer.state.global_step == 2
     stopped = stop_reason(trainer)

@@ -10,8 +10,11 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 import utils.data as data_module
+import utils.raw_data as raw_data
 from conftest import TINY, TOKENIZERS, WIKI_TEST_RAW, read_json, run_script
-from utils.data import SampleRecipe, load_raw_datasets, pack_blocks, prepare_datasets, tokenized_cache_root
+from utils.data import SampleRecipe, pack_blocks, prepare_datasets
+from utils.data_cache import tokenized_cache_root
+from utils.raw_data import load_raw_datasets
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +242,8 @@ def test_a_one_row_corpus_trains_and_small_ones_keep_a_training_row(rows):
     from datasets import DatasetDict
 
     # One row (a one-line file, a JSON file of one object): nothing held out, the row trains.
-    one = data_module._hold_out_validation(DatasetDict(train=rows.select(range(1))), 5)
+    one = raw_data._hold_out_validation(DatasetDict(train=rows.select(range(1))), 5)
     assert list(one) == ["train"] and len(one["train"]) == 1
     # A hold-out never takes every row.
-    two = data_module._hold_out_validation(DatasetDict(train=rows.select(range(2))), 99)
+    two = raw_data._hold_out_validation(DatasetDict(train=rows.select(range(2))), 99)
     assert (len(two["train"]), len(two["validation"])) == (1, 1)

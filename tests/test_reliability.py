@@ -442,7 +442,8 @@ def test_work_folders_of_a_killed_tokenization_are_removed(text_files, tmp_path)
     from transformers import AutoTokenizer
 
     from conftest import TOKENIZERS
-    from utils.data import prepare_datasets, tokenized_cache_root
+    from utils.data import prepare_datasets
+    from utils.data_cache import tokenized_cache_root
 
     root = tokenized_cache_root(str(tmp_path))
     host = __import__("socket").gethostname()

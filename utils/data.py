@@ -1,4 +1,6 @@
-"""Text in, training samples out: load, tokenize, cut into sequences, cache on disk.
+"""Text in, training samples out: tokenize, cut into sequences, cache on disk.
+
+(Reading the text is ``utils/raw_data.py``; the cache itself ``utils/data_cache.py``.)
 
 Samples are token-id sequences stored as int32. Grouped text is packed into blocks of
 ``seq_len`` tokens as one continuous stream (only the final partial block is dropped),
@@ -16,159 +18,28 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
-import socket
-import tempfile
 from collections.abc import Iterator
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (makes pa.compute available)
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, IterableDataset
 
+from .data_cache import cached_samples, tokenizer_digest
 from .errors import UsageError
 from .fast_tokenize import exact_encoder
+from .raw_data import text_column
 
 logger = logging.getLogger(__name__)
 
 # Bump when the stored layout of a prepared split changes, so old cache entries are not reused.
 CACHE_FORMAT = 1
-# Plain text also under WikiText's own extensions (.raw, .tokens).
-BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 PACK_ROWS = 10_000  # rows of token lists packed at a time when preparing a split
 SAMPLE_ROWS = 1000  # rows, spread over the split, on which a faster tokenizer path must give the same ids
 STREAM_GROUP_ROWS = 1000  # rows packed together when grouping a stream on the fly
 # A stream may never end: without --max_eval_samples, evaluation stops after this many samples.
 STREAM_EVAL_SAMPLES = 1000
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_raw_datasets(model_args, data_args) -> DatasetDict | IterableDatasetDict:
-    """The raw text splits ``train`` and ``validation`` from the hub or from local files."""
-    if data_args.dataset_name:
-        raw = _load_hub_dataset(model_args, data_args)
-    elif data_args.train_file or data_args.validation_file:
-        raw = _load_files(model_args, data_args)
-    else:
-        raise UsageError("no data: pass --dataset_name, or --train_file (and optionally --validation_file)")
-    if "validation" not in raw and "train" in raw:
-        raw = _hold_out_validation(raw, data_args.validation_split_percentage)
-    return raw
-
-
-def _load_hub_dataset(model_args, data_args):
-    try:
-        return load_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-            streaming=data_args.streaming,
-        )
-    except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        offline = " (HF_HUB_OFFLINE is set: use local files with --train_file)" if datasets.config.HF_HUB_OFFLINE else ""
-        raise UsageError(f"--dataset_name {data_args.dataset_name}: cannot load it{offline}: {_first_line(err)}") from None
-
-
-def _load_files(model_args, data_args):
-    files = {}
-    if data_args.train_file:
-        files["train"] = ("--train_file", data_args.train_file)
-    if data_args.validation_file:
-        files["validation"] = ("--validation_file", data_args.validation_file)
-    kinds = {split: _check_text_file(flag, path) for split, (flag, path) in files.items()}
-    if len(set(kinds.values())) > 1:
-        raise UsageError(
-            f"--train_file {data_args.train_file} and --validation_file {data_args.validation_file} "
-            "must be of the same type (both text, both .csv or both .json/.jsonl)"
-        )
-    builder = next(iter(kinds.values()))
-    extra = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
-    try:
-        return load_dataset(
-            builder,
-            data_files={split: path for split, (_, path) in files.items()},
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-            streaming=data_args.streaming,
-            **extra,
-        )
-    except Exception as err:  # the builders raise many kinds of parse errors
-        names = " / ".join(f"{flag} {path}" for flag, path in files.values())
-        raise UsageError(f"{names}: cannot be read as {builder}: {_first_line(err)}") from None
-
-
-def _check_text_file(flag: str, path: str) -> str:
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file")
-    extension = os.path.basename(path).rpartition(".")[2].lower() if "." in os.path.basename(path) else ""
-    if extension not in BUILDERS:
-        raise UsageError(f"{flag} {path}: unsupported file type '.{extension}'; use .txt (or .raw/.tokens), .csv, .json or .jsonl")
-    try:
-        with open(path, "rb") as handle:
-            handle.read(1)
-    except OSError as err:
-        raise UsageError(f"{flag} {path}: cannot be read: {err.strerror}") from None
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"{flag} {path} is empty")
-    return BUILDERS[extension]
-
-
-def _hold_out_validation(raw, percentage: int):
-    """Carve a validation split out of train, as the Hugging Face examples do."""
-    if not 0 < percentage < 100:
-        raise UsageError(f"--validation_split_percentage {percentage}: give a number from 1 to 99")
-    train = raw["train"]
-    if isinstance(train, IterableDataset):
-        # A stream has no known length: hold out `percentage` rows of every hundred.
-        keep = lambda _, index: index % 100 >= percentage  # noqa: E731
-        held = lambda _, index: index % 100 < percentage  # noqa: E731
-        return IterableDatasetDict(
-            train=train.filter(keep, with_indices=True), validation=train.filter(held, with_indices=True)
-        )
-    if len(train) < 2:
-        # Nothing to hold out without leaving nothing to train on: no validation split, so that
-        # --do_eval asks for --validation_file (prepare_datasets) while training alone still works.
-        logger.warning("The training data has %d row(s) of text, too few to hold some out for evaluation; "
-                       "pass --validation_file to evaluate", len(train))
-        return raw
-    n_validation = min(max(1, round(len(train) * percentage / 100)), len(train) - 1)
-    return DatasetDict(
-        train=train.select(range(n_validation, len(train))), validation=train.select(range(n_validation))
-    )
-
-
-def text_column(dataset, requested: str | None) -> str:
-    """The column holding the text: --text_column_name, else 'text', else the first column."""
-    columns = list(dataset.column_names or [])
-    if requested:
-        if requested not in columns:
-            raise UsageError(f"--text_column_name {requested}: no such column; the data has {', '.join(columns)}")
-        return requested
-    if not columns:
-        raise UsageError("the data has no columns: pass --text_column_name")
-    column = "text" if "text" in columns else columns[0]
-    _require_text(dataset, column, requested)
-    return column
-
-
-def _require_text(dataset, column: str, requested: str | None) -> None:
-    """A column of numbers (or lists, ...) would fail deep inside the tokenizer."""
-    feature = (dataset.features or {}).get(column)
-    if feature is None or getattr(feature, "dtype", None) in ("string", "large_string"):
-        return
-    kind = getattr(feature, "dtype", None) or type(feature).__name__
-    others = [name for name, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-    hint = f"pass --text_column_name with one that holds text ({', '.join(others)})" if others else \
-        "no column holds text: check --train_file / --validation_file"
-    how = f"--text_column_name {column}" if requested else f"the text column ('{column}', taken by default)"
-    raise UsageError(f"{how} holds {kind} values, not text; {hint}")
-
-
-# ----------------------------------------------------------------------- preparation
 
 
 def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, line_by_line: bool = False,
@@ -211,7 +82,7 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
             # For local files datasets' fingerprint follows the file's mtime, so edited text is a new key.
             source = rows._fingerprint
             with training_args.main_process_first(desc=f"preparing the {split} split"):
-                samples = _cached(recipe, rows, source, max_samples, data_args.overwrite_cache, cache_dir)
+                samples = cached_samples(recipe, rows, source, max_samples, data_args.overwrite_cache, cache_dir)
             if len(samples) == 0:
                 raise UsageError(
                     f"the {split} data gives no samples: is it empty, or shorter than one block of {seq_len} tokens?"
@@ -237,7 +108,7 @@ class SampleRecipe:
         parts = {
             "format": CACHE_FORMAT,
             "source": source_fingerprint,
-            "tokenizer": _tokenizer_digest(self.tokenizer),
+            "tokenizer": tokenizer_digest(self.tokenizer),
             "column": self.column,
             "seq_len": self.seq_len,
             "line_by_line": self.line_by_line,
@@ -391,76 +262,6 @@ _WORKER_TASK = None  # (rows, column, encode) of the split being tokenized by fo
 def _encode_range(bounds: tuple[int, int]) -> np.ndarray:
     rows, column, encode = _WORKER_TASK
     return encode(rows[bounds[0]:bounds[1]][column])
-
-
-# ------------------------------------------------------------------------------ cache
-
-
-def tokenized_cache_root(cache_dir: str | None) -> str:
-    if cache_dir:
-        return os.path.join(cache_dir, "tokenized")
-    return os.path.join(datasets.config.HF_DATASETS_CACHE, "tokenized")
-
-
-def _cached(recipe: SampleRecipe, rows: Dataset, source: str, max_samples: int | None, overwrite: bool,
-            cache_dir: str | None) -> Dataset:
-    root = tokenized_cache_root(cache_dir)
-    path = os.path.join(root, recipe.key(source, max_samples))
-    if os.path.isdir(path) and not overwrite:
-        logger.info("Reusing tokenized data from %s", path)
-        return load_from_disk(path)
-    logger.info("Tokenizing (from %d rows of text)%s; caching the result in %s", len(rows),
-                " again (--overwrite_cache)" if overwrite else "", path)
-    os.makedirs(root, exist_ok=True)
-    _remove_dead_builds(root)
-    with tempfile.TemporaryDirectory(dir=root, prefix=f"{BUILD_PREFIX}{os.getpid()}@{socket.gethostname()}-") as workdir:
-        samples = recipe.build(rows, max_samples, workdir)
-        if len(samples) == 0:
-            return samples  # nothing worth caching; the caller reports it
-        staging = os.path.join(workdir, "samples")
-        samples.save_to_disk(staging)
-        # Publish atomically: a run killed mid-save leaves no half-written entry behind.
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    return load_from_disk(path)
-
-
-BUILD_PREFIX = ".build-"  # .build-PID@HOST-xxxx: the work folder of a process building a cache entry
-
-
-def _remove_dead_builds(root: str) -> None:
-    """Work folders left by a process of this machine that was killed while building (never a live one's)."""
-    for name in os.listdir(root):
-        # tempfile's random suffix has no "-"; a host name may.
-        owner = name[len(BUILD_PREFIX):].rsplit("-", 1)[0] if name.startswith(BUILD_PREFIX) else ""
-        pid, _, host = owner.partition("@")
-        if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
-            logger.info("Removing %s, left by a tokenization that was cut off", os.path.join(root, name))
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _tokenizer_digest(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens, tokenizer.padding_side])
-    return hashlib.sha256((content + extra).encode()).hexdigest()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
-
 
 
 def tokens_per_sample(samples, seq_len: int, line_by_line: bool) -> float | None:
