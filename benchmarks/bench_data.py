@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import print_table
+from common import print_table, show_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT / "data" / "wikitext-2-v1" / "wiki.train.tokens"
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
                     rows.append([pipeline, label, run, f"{result['seconds']:.1f}", f"{result['tokens']:,}",
                                  f"{result['tokens'] / result['seconds']:,.0f}", f"{result['peak_rss_mb']:.0f}",
                                  f"{size:.1f}"])
-                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                    show_progress(rows[-1])
                 shutil.rmtree(cache, ignore_errors=True)
             text.unlink()
     finally:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table
+from common import print_table, show_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID_TEXT = ROOT / "data" / "wikitext-2-v1" / "wiki.valid.tokens"
@@ -107,10 +107,10 @@ def main(argv=None) -> None:
     if argv[:1] == ["--worker"]:  # everything after the mode is for run_clm.py
         return worker(argv[1], argv[2:])
     args = parse_args(argv)
-    folder = Path(tempfile.mkdtemp(prefix="bench_eval-"))
     base = "".join(VALID_TEXT.read_text(encoding="utf-8").splitlines(keepends=True)[: args.lines])
     rows, first_peak = [], {}
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_eval-") as scratch:
+        folder = Path(scratch)
         for scale in [int(n) for n in args.scales.split(",")]:
             text = folder / f"valid-x{scale}.txt"
             text.write_text(base * scale, encoding="utf-8")
@@ -128,10 +128,8 @@ def main(argv=None) -> None:
                 rows.append([approach, f"{scale}x", f"{samples:,}", f"{samples * args.block_size:,}",
                              f"{results['eval_runtime']:.1f}", f"{peak:.0f}", f"{peak - first_peak[approach]:+.0f}",
                              f"{results['eval_accuracy']:.4f}"])
-                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                show_progress(rows[-1])
                 shutil.rmtree(out, ignore_errors=True)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     print_table(COLUMNS, rows)
 
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import print_table
+from common import print_table, show_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TEXT = ROOT / "data" / "wikitext-2-v1" / "wiki.train.tokens"
@@ -81,9 +81,9 @@ def run(script: str, flags: list[str]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    folder = Path(tempfile.mkdtemp(prefix="bench_train-"))
     rows = []
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as scratch:
+        folder = Path(scratch)
         for name in args.cases.split(","):
             script, extra = CASES[name]
             out = folder / name
@@ -99,10 +99,8 @@ def main(argv=None) -> None:
                          f"{results.get('fps', float('nan')):.2f}",
                          f"{results.get('fps_tokens_per_second', float('nan')):,.0f}",
                          f"{results['train_runtime']:.1f}"])
-            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+            show_progress(rows[-1])
             shutil.rmtree(out, ignore_errors=True)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     print_table(COLUMNS, rows)
 
 

@@ -10,3 +10,8 @@ from utils.results import markdown_table  # noqa: E402
 
 def print_table(columns: list[str], rows: list[list[str]]) -> None:
     print(markdown_table(columns, rows))
+
+
+def show_progress(row: list[str]) -> None:
+    """One finished row on stderr while the rest still run (the table comes at the end, on stdout)."""
+    print(" | ".join(row), file=sys.stderr, flush=True)
