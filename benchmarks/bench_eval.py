@@ -67,8 +67,8 @@ def worker(mode: str, script_args: list[str]) -> None:
     if mode == "prepare":
         from utils.arguments import parse_args as parse_script_args
         from utils.data import prepare_datasets
-        from utils.raw_data import load_raw_datasets
         from utils.modeling import load_tokenizer
+        from utils.raw_data import load_raw_datasets
 
         model_args, data_args, clm_args, training_args = parse_script_args(run_clm.CausalLMArguments)
         raw = load_raw_datasets(model_args, data_args)
@@ -76,13 +76,15 @@ def worker(mode: str, script_args: list[str]) -> None:
                          cache_dir=model_args.cache_dir)
         return
     if mode == "hf":
-        class CollectingTrainer(run_clm.LMTrainer):
+        import utils.trainer
+
+        class CollectingTrainer(utils.trainer.LMTrainer):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 self.args.batch_eval_metrics = False  # keep every batch's predictions and labels
                 self.compute_metrics = hf_accuracy
 
-        run_clm.LMTrainer = CollectingTrainer
+        utils.trainer.LMTrainer = CollectingTrainer  # what train_and_evaluate builds
     start = time.perf_counter()
     run_clm.main()
     print(json.dumps({"seconds": time.perf_counter() - start,

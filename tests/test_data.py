@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 
 import utils.data as data_module
@@ -49,6 +49,17 @@ def test_packing_equals_list_concatenation(rows, gpt2, tmp_path):
     assert len(expected) == total // 128 and total % 128 > 0  # a tail was dropped
 
 
+def test_a_slice_of_a_file_backed_split_packs_only_its_rows(rows, gpt2, tmp_path):
+    # A held-out validation split, or --max_train_samples' prefix, is a slice of the same Arrow file.
+    rows.save_to_disk(str(tmp_path / "split"))
+    mapped = load_from_disk(str(tmp_path / "split"))
+    part = mapped.select(range(100, 400))
+    expected = list_group_texts(gpt2(list(part["text"]))["input_ids"], 128)
+    assert recipe(gpt2).build(part, None, str(tmp_path / "work"))["input_ids"] == expected
+    everything = list_group_texts(gpt2(list(mapped["text"]))["input_ids"], 128)
+    assert recipe(gpt2).build(mapped, None, str(tmp_path / "work"))["input_ids"] == everything
+
+
 def test_pack_blocks_drops_only_the_incomplete_tail():
     blocks = pack_blocks(np.arange(10, dtype=np.int32), 4)
     assert blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -87,7 +98,7 @@ def test_prepared_data_is_cached_and_reused(rows, gpt2, tmp_path, caplog):
         for key, value in changes.items():
             setattr(data_args, key, value)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="utils.data"):
+        with caplog.at_level(logging.INFO, logger="utils.data_cache"):
             samples = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=seq_len, cache_dir=cache)
         return samples["train"], caplog.text
 
@@ -137,7 +148,7 @@ def test_two_workers_give_the_same_samples_as_one(rows, gpt2, tmp_path):
 
 def test_cache_with_two_workers_is_reused_and_matches(rows, gpt2, tmp_path, caplog):
     raw = {"train": rows}
-    with caplog.at_level(logging.INFO, logger="utils.data"):
+    with caplog.at_level(logging.INFO, logger="utils.data_cache"):
         data_args, training_args = _args(preprocessing_num_workers=2)
         two = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=128, cache_dir=str(tmp_path))["train"]
         assert "Tokenizing" in caplog.text
@@ -159,7 +170,7 @@ def test_an_edited_source_file_is_tokenized_again(gpt2, tmp_path, caplog):
     def prepare():
         data_args, training_args = _args(train_file=str(text), validation_file=str(text))
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="utils.data"):
+        with caplog.at_level(logging.INFO, logger="utils.data_cache"):
             raw = load_raw_datasets(model_args, data_args)
             samples = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=64, cache_dir=model_args.cache_dir)
         return raw["train"]._fingerprint, samples["train"]["input_ids"], caplog.text

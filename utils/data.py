@@ -207,8 +207,8 @@ class SampleRecipe:
         Pages of a memory-mapped file count in the process's resident memory, which would then grow
         with the corpus; read pieces are freed as the next one comes.
         """
-        files = [entry["filename"] for entry in rows.cache_files]
-        if rows._indices is not None or not files:
+        files = _whole_files(rows)
+        if not files:
             for start, stop in bounds:
                 yield rows[start:stop][self.column]
             return
@@ -248,6 +248,20 @@ class SampleRecipe:
         lists = batch["input_ids"]
         flat = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in lists]) if lists else np.empty(0, np.int32)
         return {"input_ids": list(pack_blocks(flat, self.seq_len))}
+
+
+def _whole_files(rows: Dataset) -> list[str]:
+    """The split's Arrow files when the split is all of one, as written; else [].
+
+    A selection, a held-out slice or a shard of a split still names the whole file in
+    ``cache_files``: reading the file would read rows the split does not hold.
+    """
+    replays = getattr(rows.data, "replays", None)  # what was done to the memory-mapped file's table
+    if rows._indices is not None or len(rows.cache_files) != 1 or replays is None:
+        return []
+    if any(operation != "replace_schema_metadata" for operation, *_ in replays):
+        return []
+    return [rows.cache_files[0]["filename"]]
 
 
 def pack_blocks(flat: np.ndarray, seq_len: int) -> np.ndarray:

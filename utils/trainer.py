@@ -10,10 +10,10 @@ from . import run_folder
 from .amp_trainer import MixedPrecisionMixin
 from .checkpoints import AtomicCheckpointsMixin, begin_run, newest_complete_checkpoint, save_model_atomically
 from .data import num_samples
+from .ddp import set_find_unused_parameters
 from .device import device_name
 from .errors import TrainingStopped
 from .failures import run_guard
-from .ddp import set_find_unused_parameters
 from .metrics import TokenAccuracy, perplexity
 from .modeling import weigh_loss_by_num_items
 from .reliability import (EXIT_NONFINITE_LOSS, NonFiniteLossCallback, PreemptionCallback, SignalSafeLoadersMixin,
