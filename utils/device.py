@@ -3,7 +3,7 @@
 ``utils.arguments.parse_args`` calls two functions, in this order:
 
     device = setup_device(use_cpu)                 # BEFORE TrainingArguments are built
-    training_args = LMTrainingArguments(**values, **training_defaults(device))
+    # the flags' values, with training_defaults(device) filled in, become TrainingArguments
     check_placement(training_args, device)
 
 ``setup_device`` must run before ``TrainingArguments`` exists: building it starts the
