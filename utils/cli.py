@@ -74,5 +74,17 @@ def run_cli(main) -> None:
         sys.exit(0)
     except TrainingStopped as stop:
         sys.stderr.write(f"{stop}\n")
+        _close_process_group()
         sys.exit(stop.exit_status)
     run_folder.mark(run_folder.FINISHED)
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    # Leaving with the process group still open lets its communication threads be torn down
+    # at interpreter exit, which can abort the process (SIGABRT) after its work was saved, and
+    # torchrun would then report that instead of the run's own exit status.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
