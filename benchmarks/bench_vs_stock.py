@@ -24,8 +24,8 @@ ddp: scripts/train_clm_8p.sh with NPROC_PER_NODE=2 DEVICE=cpu AMP_FLAGS="" (fp32
 before (--ddp_find_unused_parameters true, what transformers picks for every model) and after
 (ours: set from what the model uses).
 preprocess: wall time of a whole fresh process (start, imports, loading the text, tokenizing,
-packing) on an empty cache, and its peak RSS, also as it was once datasets had loaded the text
-(its text builder's share, the same for both).
+packing) on an empty cache, and its peak RSS, also as it was once the text was loaded (by
+datasets' text builder on both sides; ours reads it in smaller chunks, utils/raw_data.py).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 
 from common import print_table
@@ -147,19 +147,27 @@ def stock_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int
 
 
 def ours_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int) -> None:
+    """run_clm.py's steps up to its samples: the CPU set-up of start_run, reading the text, preparing it."""
     sys.path.insert(0, str(ROOT))
     from types import SimpleNamespace
 
-    from datasets import load_dataset
     from transformers import AutoTokenizer
 
+    from utils.cpu import keep_freed_memory
     from utils.data import prepare_datasets
+    from utils.raw_data import load_raw_datasets
 
+    keep_freed_memory()
+    validation = Path(cache).parent / "validation.txt"  # a few lines, so that all of TEXT is training text
+    with open(text, encoding="utf-8") as lines:
+        validation.write_text("".join(islice(lines, 50)), encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / tokenizer_name)
-    raw = load_dataset("text", data_files={"train": text}, cache_dir=cache, keep_linebreaks=True)
-    LOADED_RSS.append(_peak_rss_mb())
-    data_args = SimpleNamespace(streaming=False, max_train_samples=None, max_eval_samples=None, text_column_name=None,
+    model_args = SimpleNamespace(cache_dir=cache, token=None)
+    data_args = SimpleNamespace(dataset_name=None, train_file=text, validation_file=str(validation),
+                                keep_linebreaks=True, streaming=False, max_train_samples=None, max_eval_samples=None, text_column_name=None,
                                 preprocessing_num_workers=None, overwrite_cache=False)
+    raw = load_raw_datasets(model_args, data_args)
+    LOADED_RSS.append(_peak_rss_mb())
     training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=lambda desc=None: contextlib.nullcontext())
     samples = prepare_datasets(raw, tokenizer, data_args, training_args, seq_len=block_size, cache_dir=cache)
     report_preprocess(len(samples["train"]) * block_size)

@@ -4,7 +4,9 @@ import contextlib
 import logging
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
@@ -58,6 +60,25 @@ def test_a_slice_of_a_file_backed_split_packs_only_its_rows(rows, gpt2, tmp_path
     assert recipe(gpt2).build(part, None, str(tmp_path / "work"))["input_ids"] == expected
     everything = list_group_texts(gpt2(list(mapped["text"]))["input_ids"], 128)
     assert recipe(gpt2).build(mapped, None, str(tmp_path / "work"))["input_ids"] == everything
+
+
+def test_runs_of_rows_across_record_batches_are_read_from_the_file_exactly(gpt2, tmp_path):
+    # Text loaded in small chunks: an Arrow file of many record batches, as a large corpus gives.
+    loaded = datasets.load_dataset("text", data_files=str(WIKI_TEST_RAW), cache_dir=str(tmp_path / "cache"),
+                                   keep_linebreaks=True, chunksize=64 << 10)["train"]
+    with pa.OSFile(loaded.cache_files[0]["filename"]) as source, pa.ipc.open_stream(source) as reader:
+        assert sum(1 for _ in reader) > 4
+    held_out = raw_data._hold_out_validation(datasets.DatasetDict(train=loaded), 5)
+    runs = [loaded, loaded.select(range(1500, 2600)), loaded.select(range(1000, 3000)).select(range(300, 900)),
+            held_out["train"], held_out["validation"]]
+    for part in runs:
+        assert data_module._file_span(part) is not None  # read by plain reads, not through the memory map
+        expected = list_group_texts(gpt2(list(part["text"]))["input_ids"], 128)
+        assert recipe(gpt2).build(part, None, str(tmp_path / "work"))["input_ids"] == expected
+    shuffled = loaded.shuffle(seed=0).select(range(600))
+    assert data_module._file_span(shuffled) is None
+    expected = list_group_texts(gpt2(list(shuffled["text"]))["input_ids"], 128)
+    assert recipe(gpt2).build(shuffled, None, str(tmp_path / "work"))["input_ids"] == expected
 
 
 def test_pack_blocks_drops_only_the_incomplete_tail():
@@ -134,6 +155,19 @@ def _args(**changes):
     for key, value in changes.items():
         setattr(training_args if hasattr(training_args, key) else data_args, key, value)
     return data_args, training_args
+
+
+def test_text_read_in_small_chunks_gives_the_rows_of_the_default_chunks(tmp_path, monkeypatch):
+    # Smaller chunks keep memory flat; the rows must still be the file's lines, as the text builder gives them.
+    monkeypatch.setattr(raw_data, "TEXT_CHUNK_BYTES", 64 << 10)
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(WIKI_TEST_RAW.read_bytes() + b"a line without its line break")
+    data_args, _ = _args(train_file=str(source), validation_file=str(source))
+    ours = load_raw_datasets(SimpleNamespace(cache_dir=str(tmp_path / "ours"), token=None), data_args)
+    default = datasets.load_dataset("text", data_files=str(source), cache_dir=str(tmp_path / "default"),
+                                    keep_linebreaks=True)["train"]
+    assert ours["train"]["text"] == default["text"]
+    assert len(default) > 4000 and ours["train"]["text"][-1] == "a line without its line break"
 
 
 def test_two_workers_give_the_same_samples_as_one(rows, gpt2, tmp_path):

@@ -202,22 +202,31 @@ class SampleRecipe:
             _WORKER_TASK = None
 
     def _text_pieces(self, rows: Dataset, bounds: list[tuple[int, int]]) -> Iterator[list[str]]:
-        """The text, a piece at a time; from the split's Arrow files by plain reads when it is all of them.
+        """The text, a piece at a time; by plain reads of the split's Arrow file when it is a run of its rows.
 
         Pages of a memory-mapped file count in the process's resident memory, which would then grow
         with the corpus; read pieces are freed as the next one comes.
         """
-        files = _whole_files(rows)
-        if not files:
+        span = _file_span(rows)
+        if span is None:
             for start, stop in bounds:
                 yield rows[start:stop][self.column]
             return
-        for path in files:
-            with pa.OSFile(path) as source, pa.ipc.open_stream(source) as reader:
-                for batch in reader:
-                    column = batch.column(batch.schema.get_field_index(self.column))
-                    for start in range(0, len(column), PACK_ROWS):
-                        yield column.slice(start, PACK_ROWS).to_pylist()
+        path, first, stop = span
+        seen = 0  # rows of the file before the current batch
+        with pa.OSFile(path) as source, pa.ipc.open_stream(source) as reader:
+            for batch in reader:
+                lo, hi = max(first - seen, 0), min(stop - seen, batch.num_rows)
+                seen += batch.num_rows
+                if lo >= hi:
+                    if seen >= stop:
+                        break
+                    continue
+                column = batch.column(batch.schema.get_field_index(self.column)).slice(lo, hi - lo)
+                for start in range(0, len(column), PACK_ROWS):
+                    yield column.slice(start, PACK_ROWS).to_pylist()
+                if seen >= stop:
+                    break
 
     def _pack(self, pieces: Iterator[np.ndarray], path: str) -> Dataset:
         """Blocks written to an Arrow file piece by piece, so memory does not grow with the corpus.
@@ -250,18 +259,23 @@ class SampleRecipe:
         return {"input_ids": list(pack_blocks(flat, self.seq_len))}
 
 
-def _whole_files(rows: Dataset) -> list[str]:
-    """The split's Arrow files when the split is all of one, as written; else [].
+def _file_span(rows: Dataset) -> tuple[str, int, int] | None:
+    """``(Arrow file, first row, end row)`` when the split is one run of rows of one file; else None.
 
-    A selection, a held-out slice or a shard of a split still names the whole file in
-    ``cache_files``: reading the file would read rows the split does not hold.
+    A held-out part or a prefix of a split is a slice of the file's table (datasets records the
+    operations done to a memory-mapped table as its ``replays``); a selection through an index
+    mapping, a filter or a shard is not a run of rows and is read through ``rows`` instead.
     """
-    replays = getattr(rows.data, "replays", None)  # what was done to the memory-mapped file's table
+    replays = getattr(rows.data, "replays", None)
     if rows._indices is not None or len(rows.cache_files) != 1 or replays is None:
-        return []
-    if any(operation != "replace_schema_metadata" for operation, *_ in replays):
-        return []
-    return [rows.cache_files[0]["filename"]]
+        return None
+    first = 0
+    for operation, args, kwargs in replays:
+        if operation == "slice":
+            first += (args[0] if args else kwargs.get("offset", 0)) or 0
+        elif operation != "replace_schema_metadata":
+            return None
+    return rows.cache_files[0]["filename"], first, first + len(rows)
 
 
 def pack_blocks(flat: np.ndarray, seq_len: int) -> np.ndarray:
