@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 import utils.data as data_module
 import utils.raw_data as raw_data
 from conftest import TINY, TOKENIZERS, WIKI_TEST_RAW, read_json, run_script
+from utils.arrow_files import file_span, write_rows
 from utils.data import SampleRecipe, pack_blocks, prepare_datasets
 from utils.data_cache import tokenized_cache_root
 from utils.raw_data import load_raw_datasets
@@ -72,13 +73,25 @@ def test_runs_of_rows_across_record_batches_are_read_from_the_file_exactly(gpt2,
     runs = [loaded, loaded.select(range(1500, 2600)), loaded.select(range(1000, 3000)).select(range(300, 900)),
             held_out["train"], held_out["validation"]]
     for part in runs:
-        assert data_module._file_span(part) is not None  # read by plain reads, not through the memory map
+        assert file_span(part) is not None  # read by plain reads, not through the memory map
         expected = list_group_texts(gpt2(list(part["text"]))["input_ids"], 128)
         assert recipe(gpt2).build(part, None, str(tmp_path / "work"))["input_ids"] == expected
     shuffled = loaded.shuffle(seed=0).select(range(600))
-    assert data_module._file_span(shuffled) is None
+    assert file_span(shuffled) is None
     expected = list_group_texts(gpt2(list(shuffled["text"]))["input_ids"], 128)
     assert recipe(gpt2).build(shuffled, None, str(tmp_path / "work"))["input_ids"] == expected
+
+
+def test_rows_written_to_a_cache_file_read_back_the_same(rows, tmp_path):
+    bert = AutoTokenizer.from_pretrained(TOKENIZERS / "bert-base-uncased")
+    samples = recipe(bert, seq_len=32, line_by_line=True, pad=True).build(rows, None, str(tmp_path / "work"))
+    two_files = rows.map(lambda batch: batch, batched=True, num_proc=2, cache_file_name=str(tmp_path / "two.arrow"))
+    assert file_span(two_files) is None
+    for part in (samples, samples.select(range(10, 90)), samples.shuffle(seed=0), two_files, rows):
+        write_rows(part, str(tmp_path / "copy.arrow"))
+        back = Dataset.from_file(str(tmp_path / "copy.arrow"))
+        assert back.features == part.features
+        assert back.to_dict() == part.to_dict()
 
 
 def test_pack_blocks_drops_only_the_incomplete_tail():

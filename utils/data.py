@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (makes pa.compute available)
 from datasets import Dataset, IterableDataset
 
+from .arrow_files import file_column, file_span, write_batches
 from .data_cache import cached_samples, tokenizer_digest
 from .errors import UsageError
 from .fast_tokenize import exact_encoder
@@ -34,7 +35,7 @@ from .raw_data import text_column
 logger = logging.getLogger(__name__)
 
 # Bump when the stored layout of a prepared split changes, so old cache entries are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 PACK_ROWS = 10_000  # rows of token lists packed at a time when preparing a split
 SAMPLE_ROWS = 1000  # rows, spread over the split, on which a faster tokenizer path must give the same ids
 STREAM_GROUP_ROWS = 1000  # rows packed together when grouping a stream on the fly
@@ -177,10 +178,22 @@ class SampleRecipe:
         """texts -> their ids one after the other: tiktoken where it is exact on this text, else the tokenizer."""
         n_rows = len(rows)
         spread = np.unique(np.linspace(0, n_rows - 1, min(n_rows, SAMPLE_ROWS)).astype(np.int64)) if n_rows else []
-        encoder = exact_encoder(self.tokenizer, list(rows.select(spread)[self.column]))
+        encoder = exact_encoder(self.tokenizer, self._texts_at(rows, spread))
         if encoder is not None:
             return lambda texts: encoder.encode(texts)[0]
         return self._tokenizer_ids
+
+    def _texts_at(self, rows: Dataset, indices: np.ndarray) -> list[str]:
+        """The texts of rows ``indices`` (ascending), by plain reads where ``_text_pieces`` reads so."""
+        span = file_span(rows)
+        if span is None:
+            return list(rows.select(indices)[self.column])
+        texts, offset = [], 0
+        for column in file_column(span, self.column):
+            local = indices[(indices >= offset) & (indices < offset + len(column))] - offset
+            texts += column.take(pa.array(local)).to_pylist()
+            offset += len(column)
+        return texts
 
     def _tokenizer_ids(self, texts: list[str]) -> np.ndarray:
         lists = self.tokenize({self.column: texts})["input_ids"]
@@ -202,31 +215,16 @@ class SampleRecipe:
             _WORKER_TASK = None
 
     def _text_pieces(self, rows: Dataset, bounds: list[tuple[int, int]]) -> Iterator[list[str]]:
-        """The text, a piece at a time; by plain reads of the split's Arrow file when it is a run of its rows.
-
-        Pages of a memory-mapped file count in the process's resident memory, which would then grow
-        with the corpus; read pieces are freed as the next one comes.
-        """
-        span = _file_span(rows)
+        """The text, a piece at a time; by plain reads of the split's Arrow file when it is a run of its rows
+        (``utils/arrow_files.py``), so that memory does not grow with the corpus."""
+        span = file_span(rows)
         if span is None:
             for start, stop in bounds:
                 yield rows[start:stop][self.column]
             return
-        path, first, stop = span
-        seen = 0  # rows of the file before the current batch
-        with pa.OSFile(path) as source, pa.ipc.open_stream(source) as reader:
-            for batch in reader:
-                lo, hi = max(first - seen, 0), min(stop - seen, batch.num_rows)
-                seen += batch.num_rows
-                if lo >= hi:
-                    if seen >= stop:
-                        break
-                    continue
-                column = batch.column(batch.schema.get_field_index(self.column)).slice(lo, hi - lo)
-                for start in range(0, len(column), PACK_ROWS):
-                    yield column.slice(start, PACK_ROWS).to_pylist()
-                if seen >= stop:
-                    break
+        for column in file_column(span, self.column):
+            for start in range(0, len(column), PACK_ROWS):
+                yield column.slice(start, PACK_ROWS).to_pylist()
 
     def _pack(self, pieces: Iterator[np.ndarray], path: str) -> Dataset:
         """Blocks written to an Arrow file piece by piece, so memory does not grow with the corpus.
@@ -235,15 +233,18 @@ class SampleRecipe:
         """
         os.makedirs(os.path.dirname(path), exist_ok=True)
         schema = pa.schema({"input_ids": pa.list_(pa.int32(), self.seq_len)})
-        carry = np.empty(0, np.int32)
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            carry = np.empty(0, np.int32)
             for ids in pieces:
                 flat = np.concatenate([carry, ids.astype(np.int32, copy=False)])
                 blocks = pack_blocks(flat, self.seq_len)
                 carry = flat[blocks.size:]
                 if len(blocks):
                     array = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), self.seq_len)
-                    writer.write_batch(pa.record_batch([array], schema=schema))
+                    yield pa.record_batch([array], schema=schema)
+
+        write_batches(path, schema, batches())
         return Dataset.from_file(path)
 
     def stream(self, rows: IterableDataset) -> IterableDataset:
@@ -257,25 +258,6 @@ class SampleRecipe:
         lists = batch["input_ids"]
         flat = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in lists]) if lists else np.empty(0, np.int32)
         return {"input_ids": list(pack_blocks(flat, self.seq_len))}
-
-
-def _file_span(rows: Dataset) -> tuple[str, int, int] | None:
-    """``(Arrow file, first row, end row)`` when the split is one run of rows of one file; else None.
-
-    A held-out part or a prefix of a split is a slice of the file's table (datasets records the
-    operations done to a memory-mapped table as its ``replays``); a selection through an index
-    mapping, a filter or a shard is not a run of rows and is read through ``rows`` instead.
-    """
-    replays = getattr(rows.data, "replays", None)
-    if rows._indices is not None or len(rows.cache_files) != 1 or replays is None:
-        return None
-    first = 0
-    for operation, args, kwargs in replays:
-        if operation == "slice":
-            first += (args[0] if args else kwargs.get("offset", 0)) or 0
-        elif operation != "replace_schema_metadata":
-            return None
-    return rows.cache_files[0]["filename"], first, first + len(rows)
 
 
 def pack_blocks(flat: np.ndarray, seq_len: int) -> np.ndarray:

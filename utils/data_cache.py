@@ -14,7 +14,9 @@ import socket
 import tempfile
 
 import datasets
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
+
+from .arrow_files import write_rows
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
     path = os.path.join(root, recipe.key(source, max_samples))
     if os.path.isdir(path) and not overwrite:
         logger.info("Reusing tokenized data from %s", path)
-        return load_from_disk(path)
+        return Dataset.from_file(os.path.join(path, SAMPLES_FILE))
     logger.info("Tokenizing (from %d rows of text)%s; caching the result in %s", len(rows),
                 " again (--overwrite_cache)" if overwrite else "", path)
     os.makedirs(root, exist_ok=True)
@@ -42,14 +44,16 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
         if len(samples) == 0:
             return samples  # nothing worth caching; the caller reports it
         staging = os.path.join(workdir, "samples")
-        samples.save_to_disk(staging)
+        os.makedirs(staging)
+        write_rows(samples, os.path.join(staging, SAMPLES_FILE))  # by plain reads: see utils/arrow_files.py
         # Publish atomically: a run killed mid-save leaves no half-written entry behind.
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(staging, path)
-    return load_from_disk(path)
+    return Dataset.from_file(os.path.join(path, SAMPLES_FILE))
 
 
+SAMPLES_FILE = "samples.arrow"  # an entry is a folder holding this one Arrow file
 BUILD_PREFIX = ".build-"  # .build-PID@HOST-xxxx: the work folder of a process building a cache entry
 
 
