@@ -16,8 +16,9 @@ ratio is taken between medians.
 
 train: tokens/s are timed after --warmup steps by the same clock on both sides
 (utils/speed.py); evaluation tokens/s and loss come from trainer.evaluate() on the same
-validation blocks. "ours, one lever off" rows turn one of our levers off (LM_KEEP_FREED_MEMORY=0: the
-allocator setting of utils/cpu.py), to measure it alone.
+validation blocks; peak RSS is the whole training process's. The "ours: ..." rows change one
+lever, to measure it alone: the allocator setting of utils/cpu.py off (LM_KEEP_FREED_MEMORY=0),
+or the opt-in chunked loss on (--loss_chunk_size, utils/chunked_loss.py).
 precision: ours in fp32, bf16 O1 and bf16 O2 + combine_grad, and stock fp32, back to back; the
 ratio is to ours in fp32.
 ddp: scripts/train_clm_8p.sh with NPROC_PER_NODE=2 DEVICE=cpu AMP_FLAGS="" (fp32, DDP over gloo),
@@ -58,7 +59,12 @@ PRECISIONS = {  # stock's flags, ours
     "bf16": (["--bf16"], ["--bf16", "--fp16_opt_level", "O2", "--use_combine_grad"]),
     "bf16-O1": (["--bf16"], ["--bf16", "--fp16_opt_level", "O1"]),
 }
-TRAIN_CASES = {"stock": {}, "ours": {}, "ours, allocator setting off": {"LM_KEEP_FREED_MEMORY": "0"}}
+TRAIN_CASES = {  # environment, extra flags of ours
+    "stock": ({}, []),
+    "ours": ({}, []),
+    "ours: allocator setting off": ({"LM_KEEP_FREED_MEMORY": "0"}, []),
+    "ours: --loss_chunk_size 1024": ({}, ["--loss_chunk_size", "1024"]),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -196,14 +202,19 @@ def worker(args) -> None:
 # ---------------------------------------------------------------------------------------- driver
 
 
-def _run(command: list[str], env: dict | None = None) -> tuple[float, str]:
+def _run(command: list[str], env: dict | None = None) -> tuple[float, str, float]:
+    """Run COMMAND; its wall seconds, its stdout and the peak RSS (MB) of its largest process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    start = time.perf_counter()
-    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if process.returncode:
-        raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{process.stderr[-3000:]}")
-    return seconds, process.stdout
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{err.read()[-3000:]}")
+        return seconds, out.read(), usage.ru_maxrss / 1024
 
 
 def train_case(case: str, args, folder: Path, files: dict) -> dict:
@@ -220,20 +231,21 @@ def train_case(case: str, args, folder: Path, files: dict) -> dict:
         spec = {"train": files["train"], "validation": files["validation"], "block": block, "config": config,
                 "training_flags": common + stock_flags, "warmup": args.warmup,
                 "train_blocks": args.steps * args.batch_size, "eval_blocks": args.eval_blocks}
-        _run([sys.executable, __file__, "train", "--worker", "stock-train", json.dumps(spec), str(out)])
+        _, _, peak = _run([sys.executable, __file__, "train", "--worker", "stock-train", json.dumps(spec), str(out)])
         results = json.loads((out / "results.json").read_text())
     else:
         overrides = ",".join(f"{k}={v}" for k, v in config.items())
-        _run([sys.executable, "run_clm.py", "--model_type", "gpt2", "--tokenizer_name", str(TOKENIZERS / "gpt2"),
+        env, case_flags = TRAIN_CASES[case]
+        _, _, peak = _run([sys.executable, "run_clm.py", "--model_type", "gpt2", "--tokenizer_name", str(TOKENIZERS / "gpt2"),
               "--config_overrides", overrides, "--block_size", str(block), "--train_file", files["train"],
               "--validation_file", files["validation"], "--max_train_samples", str(args.steps * args.batch_size),
               "--max_eval_samples", str(args.eval_blocks), "--fps_warmup_steps", str(args.warmup),
-              "--cache_dir", str(folder / "cache"), *common, *our_flags], env=TRAIN_CASES[case])
+              "--cache_dir", str(folder / "cache"), *common, *our_flags, *case_flags], env=env)
         results = {**json.loads((out / "train_results.json").read_text()),
                    **json.loads((out / "eval_results.json").read_text())}
     shutil.rmtree(out, ignore_errors=True)
     return {"tokens/s": results["fps_tokens_per_second"], "eval tokens/s": results["eval_samples_per_second"] * block,
-            "eval loss": results["eval_loss"]}
+            "eval loss": results["eval_loss"], "peak RSS MB": peak}
 
 
 def precision_row(args, folder: Path) -> None:
@@ -289,12 +301,13 @@ def train_row(args, folder: Path) -> None:
         rows.append([case, f"{median['tokens/s']:,.0f}", ratio("tokens/s"), f"{median['eval tokens/s']:,.0f}",
                      ratio("eval tokens/s"), f"{median['eval loss']:.4f}",
                      f"{median['eval loss'] / base['eval loss']:.4f}" if base else "-",
+                     f"{max(r['peak RSS MB'] for r in results[case]):,.0f}",
                      " / ".join(f"{r['tokens/s']:,.0f}" for r in results[case])])
     layers, width, _, block = SHAPES[args.shape]
     print(f"train, GPT-2 {layers} x {width}, block {block}, batch {args.batch_size}, {args.steps} steps "
           f"({args.steps - args.warmup} timed), {args.precision}, median of {args.rounds}")
     print_table(["case", "train tokens/s", "vs stock", "eval tokens/s", "vs stock", "eval loss", "vs stock",
-                 "each round tokens/s"], rows)
+                 "peak RSS MB", "each round tokens/s"], rows)
 
 
 def ddp_case(case: str, args, folder: Path, files: dict) -> tuple[float, bool]:
@@ -353,7 +366,7 @@ def preprocess_row(args, folder: Path) -> None:
         for pipeline in results:
             cache = folder / f"cache-{pipeline}"
             shutil.rmtree(cache, ignore_errors=True)
-            seconds, stdout = _run([sys.executable, __file__, "preprocess", "--worker", f"{pipeline}-preprocess",
+            seconds, stdout, _ = _run([sys.executable, __file__, "preprocess", "--worker", f"{pipeline}-preprocess",
                                     str(text), str(cache), args.tokenizer, str(args.block_size)],
                                    env={"TOKENIZERS_PARALLELISM": "true"})
             results[pipeline].append({"seconds": seconds, **json.loads(stdout.strip().splitlines()[-1])})

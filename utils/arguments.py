@@ -13,6 +13,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .amp_config import OPT_LEVELS as AMP_OPT_LEVELS
 from .amp_config import parse_loss_scale
+from .chunked_loss import check_chunk_flags
 from .device import check_placement, setup_device, training_defaults
 from .errors import UsageError
 from .reporting import describe_run
@@ -178,6 +179,12 @@ class LMTrainingArguments(TrainingArguments):
                           "the optimizer step and the DDP all-reduce each run over a few large tensors. Needs --fp16 "
                           "or --bf16."},
     )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={"help": "Compute the output layer and the loss this many tokens at a time (e.g. 1024), so that "
+                          "the [tokens, vocabulary] logits and their gradient are never held whole: much less memory "
+                          "for large vocabularies, the same loss up to float rounding. 0 (default): off."},
+    )
     amp_backend: str = field(
         default="auto",
         metadata={"help": "Who does --fp16/--bf16: 'auto' takes apex's amp when an apex release that has it is "
@@ -194,6 +201,7 @@ class LMTrainingArguments(TrainingArguments):
         check_amp_flags(self)  # before TrainingArguments' own checks, whose messages name no flag
         check_scaling_flags(self)  # --fsdp/--deepspeed: refused where they would not shard (utils/scaling.py)
         check_counts(self)  # zero batches or accumulation steps would fail deep inside the Trainer
+        check_chunk_flags(self)  # --loss_chunk_size (utils/chunked_loss.py)
         super().__post_init__()
         if self.fp16 or self.bf16:
             self.fp16_opt_level = self.fp16_opt_level or "O1"

@@ -27,6 +27,8 @@ class TokenAccuracy:
     def preprocess_logits(logits, labels):
         if isinstance(logits, tuple):
             logits = logits[0]
+        if not logits.is_floating_point():
+            return logits  # already the argmax ids (--loss_chunk_size, utils/chunked_loss.py)
         return logits.argmax(dim=-1)
 
     def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from transformers import Trainer
 from . import run_folder
 from .amp_trainer import MixedPrecisionMixin
 from .checkpoints import AtomicCheckpointsMixin, begin_run, newest_complete_checkpoint, save_model_atomically
+from .chunked_loss import ChunkedLossMixin
 from .data import num_samples
 from .ddp import set_find_unused_parameters
 from .device import device_name
@@ -26,7 +27,7 @@ from .speed import SpeedCallback
 logger = logging.getLogger(__name__)
 
 
-class LMTrainer(AtomicCheckpointsMixin, SignalSafeLoadersMixin, MixedPrecisionMixin, Trainer):
+class LMTrainer(AtomicCheckpointsMixin, SignalSafeLoadersMixin, MixedPrecisionMixin, ChunkedLossMixin, Trainer):
     """transformers' Trainer with streaming token accuracy and perplexity in every evaluation.
 
     Accuracy is counted batch by batch (``batch_eval_metrics``) from argmax predictions, so no
@@ -34,7 +35,8 @@ class LMTrainer(AtomicCheckpointsMixin, SignalSafeLoadersMixin, MixedPrecisionMi
 
     Every run also gets the suite's callbacks (run report, preemption, non-finite loss, FPS) and
     checkpoints that are complete or absent. ``--fp16``/``--bf16`` run the suite's apex-style
-    mixed precision, or apex's amp when installed (``utils/amp_trainer.py``).
+    mixed precision, or apex's amp when installed (``utils/amp_trainer.py``); ``--loss_chunk_size``
+    computes the output layer and the loss in chunks (``utils/chunked_loss.py``).
     """
 
     def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None, **kwargs):
@@ -48,6 +50,7 @@ class LMTrainer(AtomicCheckpointsMixin, SignalSafeLoadersMixin, MixedPrecisionMi
         super().__init__(*args, compute_metrics=accuracy, preprocess_logits_for_metrics=accuracy.preprocess_logits,
                          **kwargs)
         self.accuracy = accuracy
+        self.setup_chunked_loss(shift=accuracy.shift)  # --loss_chunk_size (utils/chunked_loss.py)
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
             weigh_loss_by_num_items(self.model)
         # tokens_per_sample: mean tokens in a training sample (the block size when packed), for tokens/s and MFU.
