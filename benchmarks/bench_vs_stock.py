@@ -170,8 +170,8 @@ def ours_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / tokenizer_name)
     model_args = SimpleNamespace(cache_dir=cache, token=None)
     data_args = SimpleNamespace(dataset_name=None, train_file=text, validation_file=str(validation),
-                                keep_linebreaks=True, streaming=False, max_train_samples=None, max_eval_samples=None, text_column_name=None,
-                                preprocessing_num_workers=None, overwrite_cache=False)
+                                keep_linebreaks=True, streaming=False, max_train_samples=None, max_eval_samples=None,
+                                text_column_name=None, preprocessing_num_workers=None, overwrite_cache=False)
     raw = load_raw_datasets(model_args, data_args)
     LOADED_RSS.append(_peak_rss_mb())
     training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=lambda desc=None: contextlib.nullcontext())
@@ -236,11 +236,12 @@ def train_case(case: str, args, folder: Path, files: dict) -> dict:
     else:
         overrides = ",".join(f"{k}={v}" for k, v in config.items())
         env, case_flags = TRAIN_CASES[case]
-        _, _, peak = _run([sys.executable, "run_clm.py", "--model_type", "gpt2", "--tokenizer_name", str(TOKENIZERS / "gpt2"),
-              "--config_overrides", overrides, "--block_size", str(block), "--train_file", files["train"],
-              "--validation_file", files["validation"], "--max_train_samples", str(args.steps * args.batch_size),
-              "--max_eval_samples", str(args.eval_blocks), "--fps_warmup_steps", str(args.warmup),
-              "--cache_dir", str(folder / "cache"), *common, *our_flags, *case_flags], env=env)
+        _, _, peak = _run([
+            sys.executable, "run_clm.py", "--model_type", "gpt2", "--tokenizer_name", str(TOKENIZERS / "gpt2"),
+            "--config_overrides", overrides, "--block_size", str(block), "--train_file", files["train"],
+            "--validation_file", files["validation"], "--max_train_samples", str(args.steps * args.batch_size),
+            "--max_eval_samples", str(args.eval_blocks), "--fps_warmup_steps", str(args.warmup),
+            "--cache_dir", str(folder / "cache"), *common, *our_flags, *case_flags], env=env)
         results = {**json.loads((out / "train_results.json").read_text()),
                    **json.loads((out / "eval_results.json").read_text())}
     shutil.rmtree(out, ignore_errors=True)
@@ -367,8 +368,8 @@ def preprocess_row(args, folder: Path) -> None:
             cache = folder / f"cache-{pipeline}"
             shutil.rmtree(cache, ignore_errors=True)
             seconds, stdout, _ = _run([sys.executable, __file__, "preprocess", "--worker", f"{pipeline}-preprocess",
-                                    str(text), str(cache), args.tokenizer, str(args.block_size)],
-                                   env={"TOKENIZERS_PARALLELISM": "true"})
+                                       str(text), str(cache), args.tokenizer, str(args.block_size)],
+                                      env={"TOKENIZERS_PARALLELISM": "true"})
             results[pipeline].append({"seconds": seconds, **json.loads(stdout.strip().splitlines()[-1])})
             print(pipeline, results[pipeline][-1], file=sys.stderr, flush=True)
             shutil.rmtree(cache, ignore_errors=True)

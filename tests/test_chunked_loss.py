@@ -96,7 +96,8 @@ def test_run_clm_with_gpt2s_vocabulary_gives_the_same_losses(text_files, tmp_pat
 
 @pytest.mark.parametrize("flags,message", [
     (["--loss_chunk_size", "-4"], "--loss_chunk_size -4: give a number of tokens"),
-    (["--loss_chunk_size", "64", "--label_smoothing_factor", "0.1"], "cannot be combined with --label_smoothing_factor"),
+    (["--loss_chunk_size", "64", "--label_smoothing_factor", "0.1"],
+     "cannot be combined with --label_smoothing_factor"),
 ])
 def test_bad_chunk_settings_are_refused_with_one_line(flags, message, text_files, tmp_path):
     out = tmp_path / "out"

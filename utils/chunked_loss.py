@@ -4,8 +4,9 @@ A language model's last layer turns every token's hidden state into one score pe
 entry: ``[tokens, vocabulary]`` floats (for GPT-2 at batch 8 and block 1024, 1.6 GB in fp32),
 kept for the backward pass with a gradient of the same size. The loss needs only one number per
 token and the accuracy one argmax. Here the scores of ``chunk`` tokens at a time are computed,
-reduced to their loss and argmax, and turned at once into their share of the gradients of the
-hidden states and of the layer's weight and bias; the next chunk reuses the memory. The sum runs
+reduced to their loss (and, in evaluation, their argmax), and turned at once into their share
+of the gradients of the hidden states and of the layer's weight and bias; the next chunk reuses
+the memory. The sum runs
 in another order than one cross-entropy over all tokens, so losses can differ in the last bits
 of fp32: opt-in.
 """
@@ -146,7 +147,8 @@ def check_chunk_flags(args) -> None:
     if args.loss_chunk_size < 0:
         raise UsageError(f"{flag}: give a number of tokens (0 turns the chunked loss off)")
     if args.loss_chunk_size and args.label_smoothing_factor:
-        raise UsageError(f"{flag} computes the plain cross-entropy: it cannot be combined with --label_smoothing_factor")
+        raise UsageError(f"{flag} computes the plain cross-entropy: it cannot be combined with "
+                         "--label_smoothing_factor")
     if args.loss_chunk_size and args.fsdp:
         raise UsageError(f"{flag} reads the output layer's whole weight, which --fsdp shards: use one of the two")
 
