@@ -257,23 +257,22 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                 loss = closure()
         found_inf = self.unscale_and_check()
         self.step_was_skipped = found_inf or self._drop_requested
-        if found_inf:
-            self._log_skip()
-        elif not self._drop_requested:
+        if not self.step_was_skipped:
             self.optimizer.step()
             self._store.publish()
+        scale = self.scaler.scale
         self.scaler.update(found_inf)
+        if found_inf:
+            self._log_skip(scale)
         self._found_inf = None
         self._drop_requested = False
         return loss
 
-    def _log_skip(self) -> None:
+    def _log_skip(self, scale_before: float) -> None:
         if self.scaler.dynamic:
-            scale = self.scaler.scale
-            logger.info("gradient overflow: step skipped, loss scale %g -> %g", scale,
-                        max(scale / 2, self.scaler.min_scale))
+            logger.info("gradient overflow: step skipped, loss scale %g -> %g", scale_before, self.scaler.scale)
         else:
-            logger.warning("gradient overflow with static loss scale %g: step skipped", self.scaler.scale)
+            logger.warning("gradient overflow with static loss scale %g: step skipped", scale_before)
 
     def logs(self) -> dict[str, float]:
         """The fp16 loss scale and the overflow-skipped steps, for the training logs."""
@@ -289,9 +288,6 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             if name in loaded and id(param) in managed:
                 self.master_of(param).copy_(loaded[name])
         self._store.publish()
-
-    def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return fp32_state_dict(model, self)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         return {

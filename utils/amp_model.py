@@ -96,10 +96,12 @@ def _computes_with_own_weights(module: torch.nn.Module) -> bool:
     """A model's own module holding weights it combines with tensors it builds itself.
 
     XLNet's relative attention multiplies its half weights with fp32 position encodings it
-    makes inside the model; torch's own layers only ever see the previous layer's output.
+    makes inside the model. torch's own layers, and leaf layers such as transformers' Conv1D,
+    only ever see the previous layer's output: a hook on them would cast nothing, at every forward.
     """
     owns = next(module.parameters(recurse=False), None) is not None
-    return owns and not type(module).__module__.startswith("torch.")
+    has_children = next(module.children(), None) is not None
+    return owns and has_children and not type(module).__module__.startswith("torch.")
 
 
 def _half_except_norms(model: torch.nn.Module, half: torch.dtype) -> None:

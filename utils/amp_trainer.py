@@ -11,7 +11,6 @@ as it is. Both backends follow ``utils.amp.AmpOptimizer``, so no hook asks which
 
 import logging
 import math
-import os
 from itertools import chain
 
 import torch
@@ -24,13 +23,9 @@ from .amp_config import amp_config_from_args
 from .amp_weights import fp32_state_dict, sync_masters_on_load
 from .apex_bridge import choose_backend, initialize_apex
 from .combine_grad import is_elementwise
-from .errors import TrainingStopped, UsageError
-from .loss_scaler import FLOOR_PATIENCE
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
-
-EXIT_OVERFLOW_AT_FLOOR = 3  # the exit status of a non-finite loss, which this is in effect
-
 
 class _AmpAcceleratedOptimizer(AcceleratedOptimizer):
     """accelerate's optimizer wrapper around ours, reporting the steps our loss scaler skipped.
@@ -54,7 +49,10 @@ class _AmpAcceleratedOptimizer(AcceleratedOptimizer):
 
 
 class ScaleFloorCallback(TrainerCallback):
-    """Stops training when fp16 gradients keep overflowing at ``--min_loss_scale`` (nothing more is saved)."""
+    """Stops training when fp16 gradients keep overflowing at ``--min_loss_scale`` (nothing more is saved).
+
+    ``trainer.stop_reason`` then turns ``stopped_at`` into the run's error line and exit status.
+    """
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -71,17 +69,6 @@ class ScaleFloorCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopped_at is not None:
             control.should_save = control.should_evaluate = False
-
-    def error(self, output_dir: str) -> TrainingStopped:
-        from .checkpoints import newest_complete_checkpoint
-
-        last = newest_complete_checkpoint(output_dir, quiet=True) if os.path.isdir(output_dir) else None
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        scale = self.trainer.amp_config.min_loss_scale
-        return TrainingStopped(
-            f"error: fp16 gradients overflowed at the minimum loss scale {scale:g} for {FLOOR_PATIENCE} steps in a "
-            f"row, up to step {self.stopped_at}: training stopped without saving those steps; {kept}. Try --bf16, "
-            "a lower --learning_rate or --max_grad_norm 1.0", EXIT_OVERFLOW_AT_FLOOR)
 
 
 def _cast_keeping_ties(state_dict: dict, dtype: torch.dtype) -> dict:
@@ -229,19 +216,12 @@ class MixedPrecisionMixin:
             grad_norm = self.amp_optimizer.clip_grad_norm(math.inf)  # the norm only (no --max_grad_norm)
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
-    def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
-        if self.amp_config is not None and self.scale_floor.stopped_at is not None:
-            raise self.scale_floor.error(self.args.output_dir)
-        return result
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.amp_config is None or state_dict is not None:
             return super()._save(output_dir, state_dict)
         # fp32 weights from the masters (O2), then the dtype the model came in: from_pretrained loads them as
         # any other checkpoint.
-        weights = (self.amp_optimizer.weights(self.model) if self.amp_optimizer is not None
-                   else fp32_state_dict(self.model))
+        weights = fp32_state_dict(self.model, self.amp_optimizer)
         super()._save(output_dir, _cast_keeping_ties(weights, self._weights_dtype))
         if self.args.should_save:
             # save_pretrained wrote the model's own dtype (half under O2/O3) into config.json.

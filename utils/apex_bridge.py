@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from .amp_config import AmpConfig
-from .amp_weights import fp32_state_dict
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -183,9 +182,6 @@ class ApexAmpOptimizer(torch.optim.Optimizer):
             master = self._master_by_id.get(id(param))
             if master is not None and name in loaded:
                 master.copy_(loaded[name])
-
-    def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return fp32_state_dict(model, self)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         return {"optimizer": self.optimizer.state_dict(), "amp": self.amp.state_dict(),

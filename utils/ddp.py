@@ -1,4 +1,5 @@
-"""DDP's ``find_unused_parameters`` from what the model really does, not on by default.
+"""Processes training together: DDP's ``find_unused_parameters`` from what the model really does,
+and whether something holds on any process.
 
 With it on, DDP walks the autograd graph after every forward to find parameters that will get
 no gradient, and torch warns at the first step when it found none. transformers turns it on for
@@ -12,8 +13,18 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any process: a one-number all-reduce, only when distributed."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], device=device)  # nccl/hccl need it on the device
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def unused_parameters(model, collator, dataset, n_samples: int = 2) -> list[str]:

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from .amp_config import AmpConfig, LossScale
+from .ddp import any_process
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +142,6 @@ class InfNanCheck:
         return bool(self._found_inf.item())  # one host sync per step
 
 
-def _max_over_processes(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 class SaturationFlagCheck:
     """Overflow recorded in the NPU's float-status register (saturation mode; see the module doc).
 
@@ -157,7 +149,7 @@ class SaturationFlagCheck:
     ``reduce_max`` combines the flag over the processes.
     """
 
-    def __init__(self, npu_utils: Any, reduce_max: Callable[[bool, torch.device], bool] = _max_over_processes):
+    def __init__(self, npu_utils: Any, reduce_max: Callable[[bool, torch.device], bool] = any_process):
         self.npu_utils = npu_utils
         self.reduce_max = reduce_max
         self._step_started = False

@@ -24,11 +24,9 @@ class MasterStore(Protocol):
 
     model_params: list[torch.nn.Parameter]
     optimizer_groups: list[dict]  # what the inner optimizer is built from: the masters
-    grads_are_views: bool  # True: ``.grad`` must keep pointing into the store (restore_grad_views)
+    grads_are_views: bool  # True: ``.grad`` must keep pointing into the store (FlatStore.restore_grad_views)
 
     def zero_grad(self, set_to_none: bool = True) -> None: ...
-
-    def restore_grad_views(self) -> bool: ...
 
     def gather(self) -> None:
         """Make the master grads hold this step's grads."""
@@ -82,9 +80,6 @@ class PerTensorStore:
         grads = [p.grad for p in self.model_params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
-
-    def restore_grad_views(self) -> bool:
-        return False  # every grad is its own tensor: nothing to point back
 
     @torch.no_grad()
     def gather(self) -> None:

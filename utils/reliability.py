@@ -20,7 +20,7 @@
 
 Under torchrun every process decides with the others (a one-number all-reduce per step,
 only when distributed), so all stop after the same step even if one process got the signal.
-(Why a run stopped, in one line, is ``utils.run_folder.stop_reason``.)
+(Why a run stopped, in one line, is ``utils.trainer.stop_reason``.)
 """
 
 from __future__ import annotations
@@ -31,25 +31,16 @@ import signal
 import time
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .amp_config import amp_config_from_args
+from .ddp import any_process
 
 logger = logging.getLogger(__name__)
 
 EXIT_NONFINITE_LOSS = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_STOP_SECONDS = 1.0  # a repeat within this time is the same stop, not a second signal
-
-
-def any_process(flag: bool, args) -> bool:
-    """True when ``flag`` is true on any process: a one-number all-reduce, only when distributed."""
-    if args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([int(flag)], device=args.device)  # nccl/hccl need it on the device
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 # ---------------------------------------------------------------------------- preemption
@@ -84,7 +75,7 @@ class PreemptionCallback(TrainerCallback):
         signal.raise_signal(signum)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not any_process(self.received is not None, args):
+        if not any_process(self.received is not None, args.device):
             return
         self.stopped_at = state.global_step
         control.should_save = True
@@ -107,7 +98,7 @@ class PreemptionCallback(TrainerCallback):
 
     def signal_after_training(self, args) -> bool:
         """True (on every process) when a signal came after the last step's check."""
-        return any_process(self.received is not None and self.stopped_at is None, args)
+        return any_process(self.received is not None and self.stopped_at is None, args.device)
 
     def _restore_handlers(self):
         for sig, handler in self._previous_handlers.items():
@@ -178,7 +169,7 @@ class NonFiniteLossCallback(TrainerCallback):
             return
         bad = self._nonfinite is not None and bool(self._nonfinite.item())
         self._nonfinite = None
-        if not any_process(bad, args):
+        if not any_process(bad, args.device):
             return
         step = state.global_step + 1  # global_step counts finished steps
         drop_update(model, optimizer)

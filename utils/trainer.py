@@ -7,7 +7,7 @@ import os
 from transformers import Trainer
 
 from . import run_folder
-from .amp_trainer import MixedPrecisionMixin
+from .amp_trainer import MixedPrecisionMixin, ScaleFloorCallback
 from .checkpoints import AtomicCheckpointsMixin, begin_run, newest_complete_checkpoint, save_model_atomically
 from .chunked_loss import ChunkedLossMixin
 from .data import num_samples
@@ -16,6 +16,7 @@ from .device import device_name
 from .errors import TrainingStopped
 from .failures import run_guard
 from .metrics import TokenAccuracy, perplexity
+from .loss_scaler import FLOOR_PATIENCE
 from .modeling import weigh_loss_by_num_items
 from .reliability import (EXIT_NONFINITE_LOSS, NonFiniteLossCallback, PreemptionCallback, SignalSafeLoadersMixin,
                           find_callback, reliability_callbacks)
@@ -163,14 +164,25 @@ def stop_reason(trainer) -> TrainingStopped | None:
         )
     guard = find_callback(trainer, NonFiniteLossCallback)
     if guard is not None and guard.bad_step is not None:
-        last = newest_complete_checkpoint(output_dir, quiet=True) if os.path.isdir(output_dir) else None
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
         return TrainingStopped(
             f"error: non-finite loss (NaN or inf) at step {guard.bad_step}: training stopped without saving "
-            f"that step; {kept}. Lower --learning_rate, check the data, or pass --on_nonfinite_loss skip",
+            f"that step; {_kept(output_dir)}. Lower --learning_rate, check the data, or pass --on_nonfinite_loss skip",
+            EXIT_NONFINITE_LOSS,
+        )
+    floor = find_callback(trainer, ScaleFloorCallback)
+    if floor is not None and floor.stopped_at is not None:
+        return TrainingStopped(
+            f"error: fp16 gradients overflowed at the minimum loss scale {trainer.amp_config.min_loss_scale:g} for "
+            f"{FLOOR_PATIENCE} steps in a row, up to step {floor.stopped_at}: training stopped without saving those "
+            f"steps; {_kept(output_dir)}. Try --bf16, a lower --learning_rate or --max_grad_norm 1.0",
             EXIT_NONFINITE_LOSS,
         )
     return None
+
+
+def _kept(output_dir: str) -> str:
+    last = newest_complete_checkpoint(output_dir, quiet=True) if os.path.isdir(output_dir) else None
+    return f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
 
 
 def stop_after_training(trainer) -> None:
