@@ -33,6 +33,14 @@ def file_span(rows: Dataset) -> tuple[str, int, int] | None:
     return rows.cache_files[0]["filename"], first, first + len(rows)
 
 
+def whole_file(rows: Dataset) -> str | None:
+    """The Arrow file that holds exactly ``rows``, all of it and nothing else; else None."""
+    span = file_span(rows)
+    if span is None or any(operation == "slice" for operation, *_ in rows.data.replays):
+        return None
+    return span[0]
+
+
 def file_batches(span: tuple[str, int, int]) -> Iterator[pa.RecordBatch]:
     """The rows of ``span`` (``file_span``), one record batch at a time."""
     path, first, stop = span

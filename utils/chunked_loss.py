@@ -24,7 +24,10 @@ from .metrics import IGNORE_INDEX
 def _loss_and_gradients(hidden, weight, bias, targets, chunk: int, wants: tuple[bool, bool, bool]):
     """Summed cross-entropy and the gradients of the sum asked for by ``wants`` (else None); the argmax
     ids when no gradient is asked for (evaluation), else None: a pass over the scores training does not need."""
-    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if (t is not None and want) else None
+    # The hidden states' gradient is written chunk by chunk, row for row; the others are sums over chunks.
+    grads = [None if t is None or not want else
+             torch.empty(t.shape, dtype=torch.float32, device=t.device) if t is hidden else
+             torch.zeros(t.shape, dtype=torch.float32, device=t.device)
              for t, want in zip((hidden, weight, bias), wants)]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     training = any(wants)
@@ -42,17 +45,19 @@ def _loss_and_gradients(hidden, weight, bias, targets, chunk: int, wants: tuple[
         if not training:
             predictions[rows] = scores.argmax(-1)  # the argmax of the scores
             continue
-        # d(loss)/d(scores) = softmax - one-hot of the label, on the scored rows only.
+        # d(loss)/d(scores) = softmax - one-hot of the label. Rows with nothing to predict get none:
+        # they are masked in the [chunk, width] factors, not in the [chunk, vocabulary] scores
+        # (a pass over all of them, or an index of them and a device sync).
         scores.exp_()
         scores.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=scores.dtype))
-        scores.index_fill_(0, (~scored).nonzero().squeeze(1), 0)
         grad_scores = scores.to(compute_dtype)
+        mask = scored.unsqueeze(1).to(compute_dtype)
         if grads[0] is not None:
-            grads[0][rows] = grad_scores @ weight
+            grads[0][rows] = (grad_scores @ weight) * mask
         if grads[1] is not None:
-            grads[1] += (grad_scores.T @ inputs).float()
+            grads[1] += (grad_scores.T @ (inputs * mask)).float()
         if grads[2] is not None:
-            grads[2] += scores.sum(0)
+            grads[2] += scored.to(scores.dtype) @ scores
     return total, predictions, grads
 
 

@@ -190,6 +190,8 @@ class SampleRecipe:
             return list(rows.select(indices)[self.column])
         texts, offset = [], 0
         for column in file_column(span, self.column):
+            if len(indices) and offset > indices[-1]:
+                break  # past the last row asked for
             local = indices[(indices >= offset) & (indices < offset + len(column))] - offset
             texts += column.take(pa.array(local)).to_pylist()
             offset += len(column)

@@ -16,7 +16,7 @@ import tempfile
 import datasets
 from datasets import Dataset
 
-from .arrow_files import write_rows
+from .arrow_files import whole_file, write_rows
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,11 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
             return samples  # nothing worth caching; the caller reports it
         staging = os.path.join(workdir, "samples")
         os.makedirs(staging)
-        write_rows(samples, os.path.join(staging, SAMPLES_FILE))  # by plain reads: see utils/arrow_files.py
+        built = whole_file(samples)
+        if built is not None:  # the build's own file (all blocks, packed): moved, not written again
+            os.replace(built, os.path.join(staging, SAMPLES_FILE))
+        else:  # a prefix (--max_train_samples), or several files: by plain reads (utils/arrow_files.py)
+            write_rows(samples, os.path.join(staging, SAMPLES_FILE))
         # Publish atomically: a run killed mid-save leaves no half-written entry behind.
         if os.path.isdir(path):
             shutil.rmtree(path)
