@@ -34,7 +34,7 @@ STAGING_PREFIX = "tmp-"
 # run_info.json written at every start, our own staging folders cut off by a kill, the run's
 # record, and TensorBoard's runs/ of a run killed before its first checkpoint.
 NOT_RESULTS = re.compile(r"train(_node\d+)?\.log|run_info\.json|tmp-checkpoint-\d+(-old)?|tmp-model"
-                         rf"|tmp-old-checkpoint-\d+|{re.escape(RUN_STATE)}(\.tmp)?|runs")
+                         rf"|{re.escape(RUN_STATE)}(\.tmp)?|runs")
 CHECKSUM_MAX_BYTES = 1 << 20  # files up to this size get a checksum in the marker (json, RNG states, ...)
 
 
@@ -183,7 +183,7 @@ def _clear_checkpoints(output_dir: str) -> None:
     """Starting over: move every checkpoint out of the way (renames), then delete them."""
     aside = []
     for _, path in checkpoint_dirs(output_dir):
-        target = os.path.join(output_dir, STAGING_PREFIX + "old-" + os.path.basename(path))
+        target = _aside(path)
         os.rename(path, target)
         aside.append(target)
     if aside:
@@ -232,6 +232,11 @@ class AtomicCheckpointsMixin:
         self.accelerator.wait_for_everyone()
 
 
+def _aside(path: str) -> str:
+    """Where a checkpoint is moved before it is deleted or replaced; removed by ``_remove_leftovers``."""
+    return os.path.join(os.path.dirname(path), f"{STAGING_PREFIX}{os.path.basename(path)}-old")
+
+
 def _remove_leftovers(run_dir: str) -> None:
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         if name.startswith(STAGING_PREFIX) and NOT_RESULTS.fullmatch(name):
@@ -270,7 +275,7 @@ def _write_marker(folder: str, step: int, run_id: str | None = None) -> None:
 
 def _publish(staged: str, final: str) -> None:
     """Rename ``staged`` to ``final``; an existing ``final`` (a run started over) is moved aside first."""
-    aside = os.path.join(os.path.dirname(final), f"{STAGING_PREFIX}{os.path.basename(final)}-old")
+    aside = _aside(final)
     if os.path.exists(final):
         shutil.rmtree(aside, ignore_errors=True)
         os.rename(final, aside)

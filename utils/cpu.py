@@ -57,21 +57,22 @@ def fast_precisions(flags: set[str] | None = None) -> list[str]:
     return [name for name, units in UNITS.items() if flags & set(units)]
 
 
-def matmul_slowdown(dtype_name: str, rows: int = 1024, inner: int = 256, repeats: int = 1) -> float:
-    """How many times longer a rows x inner by inner x rows matmul takes in ``dtype_name`` than in fp32."""
+def matmul_slowdown(dtype_name: str, rows: int = 1024, inner: int = 256) -> float:
+    """How many times longer a rows x inner by inner x rows matmul takes in ``dtype_name`` than in fp32.
+
+    One timed matmul each: without fp16 units one takes most of a second, and the factor only
+    has to tell "several times" from "dozens of times".
+    """
     import torch
 
-    def best(dtype) -> float:
+    def seconds(dtype) -> float:
         a, b = torch.randn(rows, inner).to(dtype), torch.randn(inner, rows).to(dtype)
         torch.mm(a[:16, :16], b[:16, :16])  # the first call of a dtype also loads its kernels
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - start)
-        return min(times)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        return time.perf_counter() - start
 
-    return best(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype_name])) / best(torch.float32)
+    return seconds(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype_name])) / seconds(torch.float32)
 
 
 def precision_hint(training_args, flags: set[str] | None = None) -> str | None:

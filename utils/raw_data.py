@@ -144,9 +144,6 @@ def _require_text(dataset, column: str, requested: str | None) -> None:
     raise UsageError(f"{how} holds {kind} values, not text; {hint}")
 
 
-# ----------------------------------------------------------------------- preparation
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]

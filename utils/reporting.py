@@ -103,12 +103,12 @@ def log_run_setup(info: dict) -> None:
     )
 
 
-def write_run_info(args, overwrite: bool = True) -> None:
+def write_run_info(args, overwrite: bool = True, info: dict | None = None) -> None:
     """OUTPUT_DIR/run_info.json (main process only); ``overwrite=False`` keeps one already there."""
     path = os.path.join(args.output_dir, RUN_INFO)
     if overwrite or read_json(path) is None:
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json(path, run_info(args))
+        write_json(path, info or run_info(args))
 
 
 class ReportCallback(TrainerCallback):
@@ -116,5 +116,6 @@ class ReportCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            log_run_setup(run_info(args))
-            write_run_info(args)
+            info = run_info(args)
+            log_run_setup(info)
+            write_run_info(args, info=info)

@@ -115,7 +115,7 @@ def claim_output_dir(training_args) -> RunStart:
     if writes:
         _lock(output_dir)
     command = command_fingerprint()
-    state = read_run_state(output_dir) if os.path.isdir(output_dir) else None
+    on_disk = state = read_run_state(output_dir) if os.path.isdir(output_dir) else None
     same = state is not None and state.command == command
     if state is not None and state.stage != TRAINING:
         if same and state.stage == FINISHED:
@@ -133,8 +133,8 @@ def claim_output_dir(training_args) -> RunStart:
         state = RunState(state.run_id, command, state.stage)  # the run goes on under this command
     # An evaluation-only run keeps the record of a training run it evaluates into (with
     # --overwrite_output_dir over a finished one): it must not mark that run finished.
-    records = writes and (training_args.do_train or start_over or read_run_state(output_dir) is None)
-    start = RunStart(output_dir, state, start_over, records, recorded=read_run_state(output_dir) is not None)
+    records = writes and (training_args.do_train or start_over or on_disk is None)
+    start = RunStart(output_dir, state, start_over, records, recorded=on_disk is not None)
     _claim["start"] = start
     return start
 

@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_workers: list = []  # torchrun's process contexts, the current one last
+_workers: list = []  # torchrun's process context of the current attempt (one element at most)
 _stop: dict = {}  # "signal": the first stop signal received; "exitcodes": the workers' statuses after it
 _torchrun_handler = processes._terminate_process_handler  # raises SignalException: torchrun closes the workers
 
@@ -38,7 +38,7 @@ def exit_status(code: int) -> int:
 
 def _remember_workers(start):
     def start_and_remember(self):
-        _workers.append(self)
+        _workers[:] = [self]  # a restart's new attempt replaces the last one
         start(self)
 
     return start_and_remember
