@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM
 
-from utils.arguments import parse_args
-from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli, start_run
-from utils.collators import CausalLMCollator
-from utils.data import prepare_datasets
-from utils.raw_data import load_raw_datasets
-from utils.metrics import TokenAccuracy
-from utils.modeling import load_config, load_model, load_tokenizer, resolve_seq_len
-from utils.resume_check import check_resumable
-from utils.trainer import train_and_evaluate
+from utils.cli import run_cli
+from utils.data.collators import CausalLMCollator
+from utils.data.prepare import prepare_datasets
+from utils.data.raw import load_raw_datasets
+from utils.flags.arguments import parse_args
+from utils.launch.start import start_run
+from utils.model.loading import load_config, load_model, load_tokenizer, resolve_seq_len
+from utils.model.metrics import TokenAccuracy
+from utils.runs.folder import RunFolder
+from utils.train.steps import train_and_evaluate
 
 
 @dataclass
@@ -35,21 +35,20 @@ class CausalLMArguments:
 def main():
     model_args, data_args, clm_args, training_args = parse_args(CausalLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
-    checkpoint = checkpoint_to_resume(training_args)
+    with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
+        raw_datasets = load_raw_datasets(model_args, data_args)
+        config = load_config(model_args, AutoModelForCausalLM)
+        tokenizer = load_tokenizer(model_args)
+        model = load_model(model_args, config, tokenizer, AutoModelForCausalLM)
+        run.check_resumable(model)  # a checkpoint this model can load, before any writing
 
-    raw_datasets = load_raw_datasets(model_args, data_args)
-    config = load_config(model_args, AutoModelForCausalLM)
-    tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, config, tokenizer, AutoModelForCausalLM)
-    check_resumable(checkpoint, model, training_args)  # a checkpoint this model can load, before any writing
+        block_size = resolve_seq_len(clm_args.block_size, tokenizer, config, "--block_size", minimum=2,
+                                     why="each token learns to predict the next one in its block")
+        samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
+                                   cache_dir=model_args.cache_dir)
 
-    block_size = resolve_seq_len(clm_args.block_size, tokenizer, config, "--block_size", minimum=2,
-                                 why="each token learns to predict the next one in its block")
-    samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
-                               cache_dir=model_args.cache_dir)
-
-    train_and_evaluate(model, tokenizer, training_args, samples, checkpoint, collator=CausalLMCollator(),
-                       accuracy=TokenAccuracy(shift=True), tokens_per_sample=float(block_size))
+        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=CausalLMCollator(),
+                           accuracy=TokenAccuracy(shift=True), tokens_per_sample=float(block_size))
 
 
 if __name__ == "__main__":

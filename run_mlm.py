@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForMaskedLM
 
-from utils.arguments import SequenceArguments, parse_args
-from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli, start_run
-from utils.collators import MaskedLMCollator
-from utils.data import prepare_datasets, tokens_per_sample
-from utils.raw_data import load_raw_datasets
+from utils.cli import run_cli
+from utils.data.collators import MaskedLMCollator
+from utils.data.prepare import prepare_datasets, tokens_per_sample
+from utils.data.raw import load_raw_datasets
 from utils.errors import UsageError
-from utils.metrics import TokenAccuracy
-from utils.modeling import (load_config, load_model, load_tokenizer, require_mask_token, require_maskable_tokens,
-                            resolve_seq_len)
-from utils.resume_check import check_resumable
-from utils.trainer import train_and_evaluate
+from utils.flags.arguments import SequenceArguments, parse_args
+from utils.launch.start import start_run
+from utils.model.loading import (load_config, load_model, load_tokenizer, require_mask_token,
+                                 require_maskable_tokens, resolve_seq_len)
+from utils.model.metrics import TokenAccuracy
+from utils.runs.folder import RunFolder
+from utils.train.steps import train_and_evaluate
 
 
 @dataclass
@@ -34,35 +34,36 @@ class MaskedLMArguments(SequenceArguments):
         default=0.15, metadata={"help": "Share of tokens masked for the masked-LM loss."}
     )
 
+    def __post_init__(self):
+        if not 0 < self.mlm_probability < 1:
+            raise UsageError(f"--mlm_probability {self.mlm_probability}: give a number between 0 and 1")
+
 
 def main():
     model_args, data_args, mlm_args, training_args = parse_args(MaskedLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
-    if not 0 < mlm_args.mlm_probability < 1:
-        raise UsageError(f"--mlm_probability {mlm_args.mlm_probability}: give a number between 0 and 1")
-    checkpoint = checkpoint_to_resume(training_args)
+    with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
+        raw_datasets = load_raw_datasets(model_args, data_args)
+        config = load_config(model_args, AutoModelForMaskedLM)
+        tokenizer = load_tokenizer(model_args)
+        require_mask_token(tokenizer, "masked language modeling")
+        model = load_model(model_args, config, tokenizer, AutoModelForMaskedLM)
+        run.check_resumable(model)  # a checkpoint this model can load, before any writing
 
-    raw_datasets = load_raw_datasets(model_args, data_args)
-    config = load_config(model_args, AutoModelForMaskedLM)
-    tokenizer = load_tokenizer(model_args)
-    require_mask_token(tokenizer, "masked language modeling")
-    model = load_model(model_args, config, tokenizer, AutoModelForMaskedLM)
-    check_resumable(checkpoint, model, training_args)  # a checkpoint this model can load, before any writing
+        seq_len = resolve_seq_len(mlm_args.max_seq_length, tokenizer, config, "--max_seq_length")
+        require_maskable_tokens(tokenizer, seq_len, mlm_args.mlm_probability, training_args)
+        samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
+                                   line_by_line=mlm_args.line_by_line, pad_to_max_length=mlm_args.pad_to_max_length,
+                                   cache_dir=model_args.cache_dir)
+        collator = MaskedLMCollator(
+            tokenizer=tokenizer,
+            mlm_probability=mlm_args.mlm_probability,
+            # Multiples of 8 use tensor cores well, unless everything is padded to one length anyway.
+            pad_to_multiple_of=8 if mlm_args.line_by_line and not mlm_args.pad_to_max_length else None,
+        )
 
-    seq_len = resolve_seq_len(mlm_args.max_seq_length, tokenizer, config, "--max_seq_length")
-    require_maskable_tokens(tokenizer, seq_len, mlm_args.mlm_probability, training_args)
-    samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
-                               line_by_line=mlm_args.line_by_line, pad_to_max_length=mlm_args.pad_to_max_length,
-                               cache_dir=model_args.cache_dir)
-    collator = MaskedLMCollator(
-        tokenizer=tokenizer,
-        mlm_probability=mlm_args.mlm_probability,
-        # Multiples of 8 use tensor cores well, unless everything is padded to one length anyway.
-        pad_to_multiple_of=8 if mlm_args.line_by_line and not mlm_args.pad_to_max_length else None,
-    )
-
-    train_and_evaluate(model, tokenizer, training_args, samples, checkpoint, collator=collator,
-                       accuracy=TokenAccuracy(), tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, mlm_args.line_by_line))
+        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator, accuracy=TokenAccuracy(),
+                           tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, mlm_args.line_by_line))
 
 
 if __name__ == "__main__":

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 
 from transformers import XLNetLMHeadModel
 
-from utils.arguments import SequenceArguments, parse_args
-from utils.checkpoints import checkpoint_to_resume
-from utils.cli import run_cli, start_run
-from utils.collators import PermutationLMCollator
-from utils.data import prepare_datasets, tokens_per_sample
-from utils.raw_data import load_raw_datasets
+from utils.cli import run_cli
+from utils.data.collators import PermutationLMCollator
+from utils.data.prepare import prepare_datasets, tokens_per_sample
+from utils.data.raw import load_raw_datasets
 from utils.errors import UsageError
-from utils.metrics import TokenAccuracy
-from utils.modeling import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
-from utils.resume_check import check_resumable
-from utils.trainer import train_and_evaluate
+from utils.flags.arguments import SequenceArguments, parse_args
+from utils.launch.start import start_run
+from utils.model.loading import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
+from utils.model.metrics import TokenAccuracy
+from utils.runs.folder import RunFolder
+from utils.train.steps import train_and_evaluate
 
 
 @dataclass
@@ -38,35 +38,36 @@ class PermutationLMArguments(SequenceArguments):
         default=5, metadata={"help": "Longest span of masked tokens."}
     )
 
+    def __post_init__(self):
+        if self.max_seq_length is not None and self.max_seq_length % 2:
+            raise UsageError(f"--max_seq_length {self.max_seq_length}: permutation LM needs an even length, "
+                             f"e.g. {self.max_seq_length + 1}")
+        if not 0 < self.plm_probability < 1 or self.max_span_length < 1:
+            raise UsageError("--plm_probability must lie between 0 and 1, and --max_span_length be at least 1")
+
 
 def main():
     model_args, data_args, plm_args, training_args = parse_args(PermutationLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
-    if plm_args.max_seq_length is not None and plm_args.max_seq_length % 2:
-        raise UsageError(f"--max_seq_length {plm_args.max_seq_length}: permutation LM needs an even length, "
-                         f"e.g. {plm_args.max_seq_length + 1}")
-    if not 0 < plm_args.plm_probability < 1 or plm_args.max_span_length < 1:
-        raise UsageError("--plm_probability must lie between 0 and 1, and --max_span_length be at least 1")
-    checkpoint = checkpoint_to_resume(training_args)
+    with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
+        raw_datasets = load_raw_datasets(model_args, data_args)
+        config = load_config(model_args, XLNetLMHeadModel)
+        tokenizer = load_tokenizer(model_args)
+        require_mask_token(tokenizer, "permutation language modeling")
+        model = load_model(model_args, config, tokenizer, XLNetLMHeadModel)
+        run.check_resumable(model)  # a checkpoint this model can load, before any writing
 
-    raw_datasets = load_raw_datasets(model_args, data_args)
-    config = load_config(model_args, XLNetLMHeadModel)
-    tokenizer = load_tokenizer(model_args)
-    require_mask_token(tokenizer, "permutation language modeling")
-    model = load_model(model_args, config, tokenizer, XLNetLMHeadModel)
-    check_resumable(checkpoint, model, training_args)  # a checkpoint this model can load, before any writing
+        seq_len = resolve_seq_len(plm_args.max_seq_length, tokenizer, config, "--max_seq_length")
+        seq_len -= seq_len % 2  # a clamp to an odd model maximum must still give an even length
+        samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
+                                   line_by_line=plm_args.line_by_line, pad_to_max_length=plm_args.pad_to_max_length,
+                                   cache_dir=model_args.cache_dir)
+        collator = PermutationLMCollator(
+            tokenizer=tokenizer, plm_probability=plm_args.plm_probability, max_span_length=plm_args.max_span_length
+        )
 
-    seq_len = resolve_seq_len(plm_args.max_seq_length, tokenizer, config, "--max_seq_length")
-    seq_len -= seq_len % 2  # a clamp to an odd model maximum must still give an even length
-    samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
-                               line_by_line=plm_args.line_by_line, pad_to_max_length=plm_args.pad_to_max_length,
-                               cache_dir=model_args.cache_dir)
-    collator = PermutationLMCollator(
-        tokenizer=tokenizer, plm_probability=plm_args.plm_probability, max_span_length=plm_args.max_span_length
-    )
-
-    train_and_evaluate(model, tokenizer, training_args, samples, checkpoint, collator=collator,
-                       accuracy=TokenAccuracy(), tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, plm_args.line_by_line))
+        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator, accuracy=TokenAccuracy(),
+                           tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, plm_args.line_by_line))
 
 
 if __name__ == "__main__":

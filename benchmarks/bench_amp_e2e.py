@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((label, results["fps_tokens_per_second"]))
     import torch
 
-    from utils.device import describe_device, resolve_device
+    from utils.launch.device import describe_device, resolve_device
 
     print(f"\nrun_clm.py, GPT-2 {model['overrides']}, block {model['block']}, batch {model['batch']}, "
           f"{args.steps} steps; {describe_device(resolve_device())}; torch {torch.__version__}\n")

@@ -26,7 +26,9 @@ import utils  # noqa: E402,F401  (sets the torch backend autoload switch before 
 import torch  # noqa: E402
 from common import print_table  # noqa: E402
 
-from utils.amp import AmpConfig, MixedPrecisionOptimizer, prepare_model  # noqa: E402
+from utils.amp.casting import prepare_model  # noqa: E402
+from utils.amp.config import AmpConfig  # noqa: E402
+from utils.amp.optimizer import MixedPrecisionOptimizer  # noqa: E402
 
 SIZES = {
     "tiny": dict(n_layer=2, n_embd=64, vocab_size=256, n_positions=64),

@@ -5,7 +5,7 @@ Every case runs in a fresh subprocess, so that its peak RSS is its own: first a 
 cache, then the same run again, which finds its cache. Time is the preparation inside the
 subprocess (loading the text file into Arrow + tokenizing + grouping), not the interpreter start.
 
-- ours: utils.data.prepare_datasets (int32 ids only; reuse of the prepared split by key).
+- ours: utils.data.prepare.prepare_datasets (int32 ids only; reuse of the prepared split by key).
 - hf:   the run_clm.py example: map(tokenizer) to input_ids + attention_mask, then group_texts
         concatenating Python lists and copying input_ids to labels; reuse by datasets' map cache.
 
@@ -56,7 +56,7 @@ def prepare_ours(text: str, cache: str, block_size: int) -> int:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from utils.data import prepare_datasets
+    from utils.data.prepare import prepare_datasets
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     data_args = SimpleNamespace(streaming=False, max_train_samples=None, max_eval_samples=None,
@@ -103,7 +103,7 @@ def worker(pipeline: str, text: str, cache: str, block_size: int) -> None:
 
     disable_progress_bar()
     import datasets, transformers  # noqa: E401,F401  (import time is not preparation time)
-    import utils.data  # noqa: F401
+    import utils.data.prepare  # noqa: F401
 
     start = time.perf_counter()
     tokens = (prepare_ours if pipeline == "ours" else prepare_hf)(text, cache, block_size)

@@ -65,10 +65,10 @@ def worker(mode: str, script_args: list[str]) -> None:
     import run_clm
 
     if mode == "prepare":
-        from utils.arguments import parse_args as parse_script_args
-        from utils.data import prepare_datasets
-        from utils.modeling import load_tokenizer
-        from utils.raw_data import load_raw_datasets
+        from utils.flags.arguments import parse_args as parse_script_args
+        from utils.data.prepare import prepare_datasets
+        from utils.model.loading import load_tokenizer
+        from utils.data.raw import load_raw_datasets
 
         model_args, data_args, clm_args, training_args = parse_script_args(run_clm.CausalLMArguments)
         raw = load_raw_datasets(model_args, data_args)
@@ -76,15 +76,16 @@ def worker(mode: str, script_args: list[str]) -> None:
                          cache_dir=model_args.cache_dir)
         return
     if mode == "hf":
-        import utils.trainer
+        import utils.train.steps
+        import utils.train.trainer
 
-        class CollectingTrainer(utils.trainer.LMTrainer):
+        class CollectingTrainer(utils.train.trainer.LMTrainer):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 self.args.batch_eval_metrics = False  # keep every batch's predictions and labels
                 self.compute_metrics = hf_accuracy
 
-        utils.trainer.LMTrainer = CollectingTrainer  # what train_and_evaluate builds
+        utils.train.steps.LMTrainer = CollectingTrainer  # what train_and_evaluate builds
     start = time.perf_counter()
     run_clm.main()
     print(json.dumps({"seconds": time.perf_counter() - start,

@@ -15,10 +15,10 @@ ratio is taken between medians.
     python benchmarks/bench_vs_stock.py train --shape tiny --steps 3 --rounds 1  # seconds
 
 train: tokens/s are timed after --warmup steps by the same clock on both sides
-(utils/speed.py); evaluation tokens/s and loss come from trainer.evaluate() on the same
+(utils/report/speed.py); evaluation tokens/s and loss come from trainer.evaluate() on the same
 validation blocks; peak RSS is the whole training process's. The "ours: ..." rows change one
-lever, to measure it alone: the allocator setting of utils/cpu.py off (LM_KEEP_FREED_MEMORY=0),
-or the opt-in chunked loss on (--loss_chunk_size, utils/chunked_loss.py).
+lever, to measure it alone: the allocator setting of utils/launch/cpu.py off (LM_KEEP_FREED_MEMORY=0),
+or the opt-in chunked loss on (--loss_chunk_size, utils/model/chunked_loss.py).
 precision: ours in fp32, bf16 O1 and bf16 O2 + combine_grad, and stock fp32, back to back; the
 ratio is to ours in fp32.
 ddp: scripts/train_clm_8p.sh with NPROC_PER_NODE=2 DEVICE=cpu AMP_FLAGS="" (fp32, DDP over gloo),
@@ -26,7 +26,7 @@ before (--ddp_find_unused_parameters true, what transformers picks for every mod
 (ours: set from what the model uses).
 preprocess: wall time of a whole fresh process (start, imports, loading the text, tokenizing,
 packing) on an empty cache, and its peak RSS, also as it was once the text was loaded (by
-datasets' text builder on both sides; ours reads it in smaller chunks, utils/raw_data.py).
+datasets' text builder on both sides; ours reads it in smaller chunks, utils/data/raw.py).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def stock_train(flags_json: str, out: str) -> None:
                               TrainingArguments, default_data_collator)
 
     sys.path.insert(0, str(ROOT))
-    from utils.speed import SpeedCallback
+    from utils.report.speed import SpeedCallback
 
     spec = json.loads(flags_json)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
@@ -159,9 +159,9 @@ def ours_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int)
 
     from transformers import AutoTokenizer
 
-    from utils.cpu import keep_freed_memory
-    from utils.data import prepare_datasets
-    from utils.raw_data import load_raw_datasets
+    from utils.launch.cpu import keep_freed_memory
+    from utils.data.prepare import prepare_datasets
+    from utils.data.raw import load_raw_datasets
 
     keep_freed_memory()
     validation = Path(cache).parent / "validation.txt"  # a few lines, so that all of TEXT is training text

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.results import markdown_table  # noqa: E402
+from utils.report.results import markdown_table  # noqa: E402
 
 
 def print_table(columns: list[str], rows: list[list[str]]) -> None:

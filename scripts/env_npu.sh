@@ -51,10 +51,10 @@ export ASCEND_SLOG_PRINT_TO_STDOUT="${ASCEND_SLOG_PRINT_TO_STDOUT:-0}"
 # No event logging: it only matters when profiling CANN itself.
 export ASCEND_GLOBAL_EVENT_ENABLE="${ASCEND_GLOBAL_EVENT_ENABLE:-0}"
 
-# Read by utils/device.py. 0 = use prebuilt operator kernels rather than compiling online, so
+# Read by utils/launch/device.py. 0 = use prebuilt operator kernels rather than compiling online, so
 # each new tensor shape does not trigger a compile.
 export NPU_JIT_COMPILE="${NPU_JIT_COMPILE:-0}"
 
-# Read by utils/device.py. 0 = keep tensors in standard layouts; private layouts (FRACTAL_NZ)
+# Read by utils/launch/device.py. 0 = keep tensors in standard layouts; private layouts (FRACTAL_NZ)
 # add casts around transformer matmuls and are a frequent source of shape/accuracy surprises.
 export NPU_INTERNAL_FORMAT="${NPU_INTERNAL_FORMAT:-0}"

@@ -29,7 +29,7 @@
 #   PYTHON           interpreter (python)
 #
 # Output: OUTPUT_DIR/train.log holds everything the run printed (train_node<N>.log on other
-# nodes) and ends with one summary row (format: utils/results.py), found with
+# nodes) and ends with one summary row (format: utils/report/results.py), found with
 #   grep '^| ' OUTPUT_DIR/train.log | tail -1
 #   | gpt2 | 8p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |
 # Bad settings (DEVICE, NPROC_PER_NODE above the visible devices, ...) stop it before torchrun
@@ -40,7 +40,7 @@
 #
 # Ctrl+C, `timeout`, systemd and Slurm signal the whole process group. This script and its `tee`
 # outlive that signal: torchrun passes it on to the workers once, every rank checkpoints, and the
-# log keeps every line up to the last (utils/torchrun.py). A second signal stops at once.
+# log keeps every line up to the last (utils/launch/torchrun.py). A second signal stops at once.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,17 +88,17 @@ fi
 export LM_DEVICE="$DEVICE"
 
 # Fail before torchrun starts N processes: the device must load and have enough units.
-device=$("$PYTHON" -m utils.device --nproc "$NPROC_PER_NODE") || exit 2
+device=$("$PYTHON" -m utils.launch.device --nproc "$NPROC_PER_NODE") || exit 2
 if [[ $device == cpu ]]; then
     # Makes transformers build a gloo process group even if --use_cpu is not passed.
     export ACCELERATE_USE_CPU=true
 fi
 
-# Which defaults your flags already choose, read by the scripts' own parser (utils/launch_flags.py):
-# a model, data, an output folder.
-chosen=$("$PYTHON" -m utils.launch_flags "$TASK" "$@") || exit 2
+# Which defaults your flags already choose, read by the scripts' own parser (utils/flags/launch_flags.py):
+# a model, data, an output folder; and your flags as the log shows them, hub tokens masked.
+chosen=$("$PYTHON" -m utils.flags.launch_flags "$TASK" "$@") || exit 2
 mapfile -t chosen <<<"$chosen"
-model_chosen=${chosen[0]} data_chosen=${chosen[1]} output_dir=${chosen[2]-}
+model_chosen=${chosen[0]} data_chosen=${chosen[1]} output_dir=${chosen[2]-} masked_flags=${chosen[3]-}
 output_dir="${output_dir:-${OUTPUT_DIR:-outputs/${TASK}_${devices}}}"
 
 defaults=()
@@ -143,7 +143,7 @@ s.bind(("", int(sys.argv[1])))' "$master_port" 2>/dev/null; then
 fi
 
 cmd=(
-    "$PYTHON" -m utils.torchrun  # torchrun, passing on the worker's exit status (utils/torchrun.py)
+    "$PYTHON" -m utils.launch.torchrun  # torchrun, passing on the worker's exit status (utils/launch/torchrun.py)
     --nproc_per_node="$NPROC_PER_NODE"
     --nnodes="$NNODES"
     --node_rank="$NODE_RANK"
@@ -170,8 +170,9 @@ log="$output_dir/train${node_suffix}.log"
 
 status=0
 log_start=$(($(stat -c %s "$log" 2>/dev/null || echo 0) + 1))  # where this run's part of the log begins
-printf 'device: %s, %s\ncommand: %s\n' "$device" "$devices" "$("$PYTHON" -m utils.secrets "${cmd[@]}")" |
-    tee -a "$log"  # hub tokens masked (utils/secrets.py)
+# The command as run, your flags (the last $# of it) as launch_flags masked them.
+printf 'device: %s, %s\ncommand: %s%s\n' "$device" "$devices" "$(printf '%q ' "${cmd[@]:0:${#cmd[@]}-$#}")" \
+    "$masked_flags" | tee -a "$log"
 # A SIGINT/SIGTERM to the process group: torchrun hands it to the workers and waits for their
 # checkpoint; this script waits for torchrun, and tee ignores it so that no line is lost.
 trap : INT TERM  # not ignored: the processes started here get the default handling back
@@ -191,4 +192,4 @@ fi
 
 # Results are written by global rank 0, which runs on node 0.
 [[ $NODE_RANK == 0 ]] || exit 0
-"$PYTHON" -m utils.summary "$output_dir" 2>&1 | tee -a "$log"
+"$PYTHON" -m utils.report.summary "$output_dir" 2>&1 | tee -a "$log"

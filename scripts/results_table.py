@@ -6,7 +6,7 @@
 | model | devices | Acc | FPS | AMP_Type | Epochs | perplexity | tokens/s | run |
 
 model, devices, Acc, FPS, AMP_Type and Epochs mean what they mean in the launchers' summary
-row (utils/results.py); perplexity is exp(eval_loss), tokens/s is tokens per second over all
+row (utils/report/results.py); perplexity is exp(eval_loss), tokens/s is tokens per second over all
 devices after the warm-up steps (the Trainer's whole-run figure when there is none). Numbers
 come from all_results.json, the setup from run_info.json (written when training starts).
 A directory without all_results.json is reported on stderr and makes the exit status 2.
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402,F401  (before torch: see utils/__init__.py)
 from utils.errors import UsageError  # noqa: E402
-from utils.results import TABLE_COLUMNS, markdown_table, results_cells  # noqa: E402
+from utils.report.results import TABLE_COLUMNS, markdown_table, results_cells  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -11,9 +11,11 @@ from transformers import (DataCollatorForPermutationLanguageModeling, GPT2Config
                           RobertaForMaskedLM, XLNetConfig, XLNetLMHeadModel, XLNetTokenizerFast)
 
 from conftest import TOKENIZERS
-from utils.arguments import LMTrainingArguments
-from utils.metrics import TokenAccuracy
-from utils.trainer import LMTrainer
+from utils.amp.weights import fp32_state_dict
+from utils.flags.arguments import LMTrainingArguments
+from utils.data.collators import CausalLMCollator
+from utils.model.metrics import TokenAccuracy
+from utils.train.trainer import LMTrainer
 
 SEQ, VOCAB = 32, 128
 MASK_ID = 6  # XLNet's <mask>; RoBERTa's tiny vocabulary has no special meaning for it either
@@ -99,3 +101,54 @@ def family_trainer(task: str, out, train=None, model=None, **flags) -> LMTrainer
 
 def logged(trainer: LMTrainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if "loss" in entry]
+
+
+# One family, GPT-2, with its own learnable blocks (+1 mod 128): the mixed-precision Trainer tests.
+def tiny_model(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=SEQ,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def blocks(n: int, seed: int) -> list[dict]:
+    """Learnable token blocks: a random start, then +1 mod 128."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 128, (n, 1), generator=generator)
+    return [{"input_ids": row} for row in (starts + torch.arange(SEQ)) % 128]
+
+
+TRAIN, EVAL = blocks(48, seed=1), blocks(16, seed=2)
+
+
+def make_trainer(out, model=None, **flags) -> LMTrainer:
+    options = dict(output_dir=str(out), use_cpu=True, report_to="none", disable_tqdm=True, seed=0,
+                   per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=6, logging_steps=1,
+                   learning_rate=3e-3, adam_epsilon=1e-3, save_strategy="no", train_sampling_strategy="sequential",
+                   fps_warmup_steps=1)
+    options.update(flags)
+    return LMTrainer(model=model or tiny_model(), args=LMTrainingArguments(**options), train_dataset=TRAIN,
+                     eval_dataset=EVAL, data_collator=CausalLMCollator(), accuracy=TokenAccuracy(shift=True))
+
+
+def losses(trainer: LMTrainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def weights(trainer: LMTrainer) -> dict:
+    """The fp32 weights save_model would write (masters under O2)."""
+    masters = trainer.precision.optimizer if trainer.precision is not None else None
+    return fp32_state_dict(trainer.model, masters)
+
+
+def poison_grads_at(trainer: LMTrainer, steps: set, value: float) -> None:
+    """inf/NaN into one weight's grad during the backward of the given optimizer steps."""
+    weight = trainer.model.transformer.h[0].mlp.c_fc.weight
+
+    def hook(grad):
+        if trainer.state.global_step in steps:
+            grad = grad.clone()
+            grad.view(-1)[0] = value
+        return grad
+
+    weight.register_hook(hook)

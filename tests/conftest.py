@@ -81,6 +81,14 @@ def run_script(task: str, *args, check: bool = True, env: dict | None = None) ->
     return process
 
 
+FAULT_PLUGIN = ROOT / "tests" / "fault_plugin"  # the test-only fault injection (tests/fault_plugin/sitecustomize.py)
+
+
+def with_faults(faults: str, *paths) -> dict:
+    """The environment that loads the test-only fault plugin into the scripts' processes."""
+    return {"LM_FAULT_PLAN": faults, "PYTHONPATH": os.pathsep.join(map(str, (FAULT_PLUGIN, *paths)))}
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now, for a test's own torchrun rendezvous."""
     with socket.socket() as sock:

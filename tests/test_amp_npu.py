@@ -13,8 +13,10 @@ import types
 import pytest
 import torch
 
-from utils.amp import AmpConfig, MixedPrecisionOptimizer, prepare_model
-from utils.loss_scaler import InfNanCheck, SaturationFlagCheck, overflow_check_for
+from utils.amp.casting import prepare_model
+from utils.amp.config import AmpConfig
+from utils.amp.optimizer import MixedPrecisionOptimizer
+from utils.amp.scaler import InfNanCheck, SaturationFlagCheck, overflow_check_for
 
 
 class FakeNpuUtils:

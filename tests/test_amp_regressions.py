@@ -12,14 +12,16 @@ from safetensors.torch import load_file
 from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM, TrainerCallback
 
 from amp_cases import family_trainer, logged, mlm_samples, stack
-from test_amp_trainer import make_trainer, poison_grads_at
-from utils.amp import AmpConfig, LossScaler, MixedPrecisionOptimizer, autocast_context, fp32_state_dict, \
-    is_norm_module, prepare_model
-from utils.arguments import LMTrainingArguments
+from amp_cases import make_trainer, poison_grads_at
+from utils.amp.casting import autocast_context, is_norm_module, prepare_model
+from utils.amp.config import AmpConfig
+from utils.amp.optimizer import MixedPrecisionOptimizer
+from utils.amp.scaler import LossScaler
+from utils.amp.weights import fp32_state_dict
+from utils.flags.arguments import LMTrainingArguments
 from utils.errors import TrainingStopped, UsageError
-from utils.reliability import NonFiniteLossCallback, find_callback
 from fault_plugin.sitecustomize import _make_callback_class
-from utils.trainer import stop_reason
+from utils.train.stops import NonFiniteLossCallback, find_callback, stop_reason
 
 FP16, BF16 = torch.float16, torch.bfloat16
 
@@ -31,7 +33,7 @@ class Snapshots(TrainerCallback):
         self.trainer, self.taken = trainer, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.taken.append(fp32_state_dict(self.trainer.model, self.trainer.amp_optimizer))
+        self.taken.append(fp32_state_dict(self.trainer.model, self.trainer.precision.optimizer))
 
 
 def nan_loss_at(step: int, trainer, monkeypatch) -> None:
@@ -75,10 +77,10 @@ def test_fp16_o0_has_the_nonfinite_loss_guard(tmp_path, monkeypatch):
     ({"fp16": True, "fp16_opt_level": "O2", "loss_scale": "128"}, False), ({"bf16": True}, False),
 ])
 def test_the_precision_config_says_who_skips_overflowing_steps(flags, skips, tmp_path):
-    from utils.reliability import scaler_skips_overflows
-
-    args = LMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **flags)
-    assert scaler_skips_overflows(args) == skips
+    trainer = make_trainer(tmp_path, **flags)
+    guard = find_callback(trainer, NonFiniteLossCallback)
+    assert trainer.precision.config.skips_overflowing_steps == skips
+    assert guard.scaler_skips == skips  # the guard stands aside exactly where the scaler skips
 
 
 # -------------------------------------------------- the best model at the end, under O2
@@ -129,7 +131,7 @@ def test_roberta_and_xlnet_fp16_steps_are_not_skipped_for_the_scale(task, tmp_pa
     before = {name: p.detach().float().clone() for name, p in static.model.named_parameters()}
     static.train()
     assert logged(static, "skipped_steps") == [0, 0, 0]
-    assert not same(before, fp32_state_dict(static.model, static.amp_optimizer))
+    assert not same(before, fp32_state_dict(static.model, static.precision.optimizer))
 
 
 # ------------------------------------------------------- norm layers are told by type

@@ -17,8 +17,10 @@ import torch
 
 from amp_cases import FAMILIES, family_trainer, gpt2, logged, roberta, stack, xlnet
 from amp_cases import clm_samples, mlm_samples, plm_samples
-from utils.amp import AmpConfig, MixedPrecisionOptimizer, autocast_context, prepare_model
-from utils.modeling import weigh_loss_by_num_items
+from utils.amp.casting import autocast_context, prepare_model
+from utils.amp.config import AmpConfig
+from utils.amp.optimizer import MixedPrecisionOptimizer
+from utils.model.loss import weigh_loss_by_num_items
 
 FP16, BF16 = torch.float16, torch.bfloat16
 # 8 devices x batch 8 x block 1024 x accumulation 2, minus the first token of each block (not a target).

@@ -18,53 +18,12 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import QUICK, ROOT, TINY, free_port, read_json, run_script
-from utils.arguments import LMTrainingArguments
-from utils.collators import CausalLMCollator
+from utils.flags.arguments import LMTrainingArguments
+from utils.data.collators import CausalLMCollator
 from utils.errors import UsageError
-from utils.metrics import TokenAccuracy
-from utils.trainer import LMTrainer
-
-SEQ = 32
-
-
-def tiny_model(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=SEQ,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config)
-
-
-def blocks(n: int, seed: int) -> list[dict]:
-    """Learnable token blocks: a random start, then +1 mod 128."""
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, 128, (n, 1), generator=generator)
-    return [{"input_ids": row} for row in (starts + torch.arange(SEQ)) % 128]
-
-
-TRAIN, EVAL = blocks(48, seed=1), blocks(16, seed=2)
-
-
-def make_trainer(out, model=None, **flags) -> LMTrainer:
-    options = dict(output_dir=str(out), use_cpu=True, report_to="none", disable_tqdm=True, seed=0,
-                   per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=6, logging_steps=1,
-                   learning_rate=3e-3, adam_epsilon=1e-3, save_strategy="no", train_sampling_strategy="sequential",
-                   fps_warmup_steps=1)
-    options.update(flags)
-    return LMTrainer(model=model or tiny_model(), args=LMTrainingArguments(**options), train_dataset=TRAIN,
-                     eval_dataset=EVAL, data_collator=CausalLMCollator(), accuracy=TokenAccuracy(shift=True))
-
-
-def losses(trainer: LMTrainer) -> list[float]:
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
-def weights(trainer: LMTrainer) -> dict:
-    """The fp32 weights save_model would write (masters under O2)."""
-    from utils.amp import fp32_state_dict
-
-    masters = trainer.amp_optimizer if trainer.amp_config is not None else None
-    return fp32_state_dict(trainer.model, masters)
-
+from utils.model.metrics import TokenAccuracy
+from utils.train.trainer import LMTrainer
+from amp_cases import EVAL, TRAIN, losses, make_trainer, poison_grads_at, tiny_model, weights
 
 # ---------------------------------------------------------------------- O-levels
 @pytest.fixture(scope="module")
@@ -124,23 +83,10 @@ def test_fused_adamw_and_a_scheduler(tmp_path):
     assert all(math.isfinite(loss) for loss in losses(trainer))
     rates = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
     assert rates[0] < rates[1] > rates[-1]  # warm-up, then cosine decay
-    assert trainer.amp_optimizer.optimizer.defaults["fused"]
+    assert trainer.precision.optimizer.optimizer.defaults["fused"]
 
 
 # ------------------------------------------------------------------ loss scaling
-def poison_grads_at(trainer: LMTrainer, steps: set, value: float) -> None:
-    """inf/NaN into one weight's grad during the backward of the given optimizer steps."""
-    weight = trainer.model.transformer.h[0].mlp.c_fc.weight
-
-    def hook(grad):
-        if trainer.state.global_step in steps:
-            grad = grad.clone()
-            grad.view(-1)[0] = value
-        return grad
-
-    weight.register_hook(hook)
-
-
 @pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
 def test_overflow_skips_the_step_and_halves_the_scale(value, tmp_path):
     trainer = make_trainer(tmp_path, fp16=True, fp16_opt_level="O2", use_combine_grad=True, max_grad_norm=1.0,
@@ -225,7 +171,6 @@ SCRIPT_AMP = ["--fp16", "--fp16_opt_level", "O2", "--use_combine_grad", "--max_g
 @pytest.mark.parametrize("combine", [True, False], ids=["flat-buffers", "per-tensor-grads-packed"])
 def test_two_cpu_processes_match_one(combine, text_files, tmp_path):
     amp = SCRIPT_AMP if combine else [flag for flag in SCRIPT_AMP if flag != "--use_combine_grad"]
-    assert ("--use_combine_grad" in amp) == combine
     common = [*TINY["clm"], *QUICK, *amp, "--max_steps", "3", "--train_file", text_files["train"],
               "--do_train", "--max_train_samples", "64", "--config_overrides",
               "n_layer=2,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"]
@@ -240,6 +185,8 @@ def test_two_cpu_processes_match_one(combine, text_files, tmp_path):
     logs = [[e for e in read_json(tmp_path / d / "trainer_state.json")["log_history"] if "loss" in e]
             for d in ("ddp", "single")]
     assert len(logs[0]) == 3
+    info = read_json(tmp_path / "ddp" / "run_info.json")  # the layout the DDP run really used
+    assert (info["combine_grad"], info["world_size"], info["opt_level"]) == (combine, 2, "O2")
     assert [e["loss"] for e in logs[0]] == pytest.approx([e["loss"] for e in logs[1]], rel=1e-3)
     assert [e["grad_norm"] for e in logs[0]] == pytest.approx([e["grad_norm"] for e in logs[1]], rel=1e-2)
     weights = [load_file(tmp_path / d / "model.safetensors") for d in ("ddp", "single")]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import read_json
-from test_amp_trainer import losses, make_trainer
+from amp_cases import losses, make_trainer
 
 FAKE_AMP = '''
 import contextlib
@@ -104,10 +104,10 @@ def test_auto_takes_apex_and_a_run_through_it_equals_fp32(fake_apex, tmp_path, c
     reference = make_trainer(tmp_path / "fp32", gradient_accumulation_steps=2, max_grad_norm=0.5, max_steps=3)
     reference.train()
 
-    with caplog.at_level(logging.INFO, logger="utils.amp_trainer"):
+    with caplog.at_level(logging.INFO, logger="utils.train.precision"):
         trainer = make_trainer(tmp_path / "apex", fp16=True, gradient_accumulation_steps=2, max_grad_norm=0.5,
                                max_steps=3)
-    assert trainer.amp_backend == "apex"
+    assert trainer.precision.config.backend == "apex"
     assert "Mixed precision: apex backend, float16 O1, loss scale dynamic" in caplog.text
     trainer.train()
 
@@ -130,19 +130,19 @@ def test_combine_grad_is_passed_to_apex_and_native_can_be_forced(fake_apex, tmp_
     from apex import amp
 
     assert amp.calls[0] == ("initialize", "O2", 128.0, {"min_loss_scale": 1.0, "combine_grad": True})
-    assert make_trainer(tmp_path / "native", fp16=True, amp_backend="native").amp_backend == "native"
+    assert make_trainer(tmp_path / "native", fp16=True, amp_backend="native").precision.config.backend == "native"
     # apex's amp does fp16 only: bf16 stays native even with apex installed.
-    assert make_trainer(tmp_path / "bf16", bf16=True).amp_backend == "native"
+    assert make_trainer(tmp_path / "bf16", bf16=True).precision.config.backend == "native"
 
 
 # ----------------------------------------------------------- where apex needs care
 def test_zero_grad_works_with_apexs_argument_free_zero_grad(fake_apex, tmp_path):
     trainer = make_trainer(tmp_path, fp16=True, fp16_opt_level="O2", max_steps=1)
     trainer.train()
-    params = [p for group in trainer.amp_optimizer.param_groups for p in group["params"]]
+    params = [p for group in trainer.precision.optimizer.param_groups for p in group["params"]]
     for param in params:
         param.grad = torch.ones_like(param)
-    trainer.amp_optimizer.zero_grad(set_to_none=True)  # what the Trainer's interface passes
+    trainer.precision.optimizer.zero_grad(set_to_none=True)  # what the Trainer's interface passes
     assert all(param.grad is None for param in params)
 
 
@@ -168,12 +168,12 @@ def test_combine_grad_goes_to_apex_at_o1_and_o2_only(fake_apex, tmp_path, caplog
 
 
 def test_a_dropped_update_leaves_apexs_grads_in_place(fake_apex, tmp_path):
-    from utils.reliability import drop_update
+    from utils.train.stops import drop_update
 
     trainer = make_trainer(tmp_path, fp16=True, fp16_opt_level="O2", loss_scale="128", max_steps=1,
                            lr_scheduler_type="constant")
     trainer.train()
-    params = [p for group in trainer.amp_optimizer.param_groups for p in group["params"]]
+    params = [p for group in trainer.precision.optimizer.param_groups for p in group["params"]]
     grads = [torch.full_like(param, 0.5) for param in params]
     for param, grad in zip(params, grads):
         param.grad = grad
@@ -182,14 +182,14 @@ def test_a_dropped_update_leaves_apexs_grads_in_place(fake_apex, tmp_path):
     trainer.optimizer.step()
     assert all(param.grad is grad for param, grad in zip(params, grads))  # Ascend's shared storage survives
     assert all(torch.equal(param, old) for param, old in zip(params, before))
-    assert trainer.amp_optimizer.step_was_skipped
+    assert trainer.precision.optimizer.step_was_skipped
     trainer.optimizer.step()  # the next step is a real one again
     assert not all(torch.equal(param, old) for param, old in zip(params, before))
 
 
 def test_apex_and_native_optimizers_offer_the_same_interface():
-    from utils.amp import AmpOptimizer, MixedPrecisionOptimizer
-    from utils.apex_bridge import ApexAmpOptimizer
+    from utils.amp.optimizer import AmpOptimizer, MixedPrecisionOptimizer
+    from utils.amp.apex_bridge import ApexAmpOptimizer
 
     members = [name for name in vars(AmpOptimizer) if not name.startswith("_")] + ["step_was_skipped"]
     assert {"backward", "drop_update", "logs", "sync_masters", "clip_grad_norm"} <= set(members)

@@ -11,7 +11,7 @@ import torch
 
 from amp_cases import family_trainer, logged
 from conftest import QUICK, TINY, read_json, run_script
-from utils.chunked_loss import ChunkedLoss, linear_cross_entropy
+from utils.model.chunked_loss import ChunkedLoss, linear_cross_entropy
 
 
 def full_reference(hidden, weight, bias, targets):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import QUICK, ROOT, TINY
-from utils import cpu
+from utils.launch import cpu
 
 # Training steps of a GPT-2 with the full vocabulary (its logits: 4 x 64 x 50,257 floats, past glibc's
 # largest mmap threshold of 32 MB); count page faults.
@@ -17,7 +17,7 @@ import json, resource, sys
 sys.path.insert(0, {root!r})
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
-from utils.cpu import keep_freed_memory
+from utils.launch.cpu import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "on" else False
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64))

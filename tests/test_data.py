@@ -11,13 +11,13 @@ import pytest
 from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 
-import utils.data as data_module
-import utils.raw_data as raw_data
+import utils.data.prepare as data_module
+import utils.data.raw as raw_data
 from conftest import TINY, TOKENIZERS, WIKI_TEST_RAW, read_json, run_script
-from utils.arrow_files import file_span, write_rows
-from utils.data import SampleRecipe, pack_blocks, prepare_datasets
-from utils.data_cache import tokenized_cache_root
-from utils.raw_data import load_raw_datasets
+from utils.data.arrow_files import file_span, write_rows
+from utils.data.prepare import SampleRecipe, pack_blocks, prepare_datasets
+from utils.data.cache import tokenized_cache_root
+from utils.data.raw import load_raw_datasets
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_prepared_data_is_cached_and_reused(rows, gpt2, tmp_path, caplog):
         for key, value in changes.items():
             setattr(data_args, key, value)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="utils.data_cache"):
+        with caplog.at_level(logging.INFO, logger="utils.data.cache"):
             samples = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=seq_len, cache_dir=cache)
         return samples["train"], caplog.text
 
@@ -195,7 +195,7 @@ def test_two_workers_give_the_same_samples_as_one(rows, gpt2, tmp_path):
 
 def test_cache_with_two_workers_is_reused_and_matches(rows, gpt2, tmp_path, caplog):
     raw = {"train": rows}
-    with caplog.at_level(logging.INFO, logger="utils.data_cache"):
+    with caplog.at_level(logging.INFO, logger="utils.data.cache"):
         data_args, training_args = _args(preprocessing_num_workers=2)
         two = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=128, cache_dir=str(tmp_path))["train"]
         assert "Tokenizing" in caplog.text
@@ -217,7 +217,7 @@ def test_an_edited_source_file_is_tokenized_again(gpt2, tmp_path, caplog):
     def prepare():
         data_args, training_args = _args(train_file=str(text), validation_file=str(text))
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="utils.data_cache"):
+        with caplog.at_level(logging.INFO, logger="utils.data.cache"):
             raw = load_raw_datasets(model_args, data_args)
             samples = prepare_datasets(raw, gpt2, data_args, training_args, seq_len=64, cache_dir=model_args.cache_dir)
         return raw["train"]._fingerprint, samples["train"]["input_ids"], caplog.text
@@ -269,7 +269,7 @@ def test_streaming_evaluation_is_bounded_by_default(rows, gpt2, caplog, monkeypa
     monkeypatch.setattr(data_module, "STREAM_EVAL_SAMPLES", 5)
     data_args, training_args = _args(streaming=True, do_train=False, do_eval=True)
     stream = {"validation": rows.to_iterable_dataset()}
-    with caplog.at_level(logging.INFO, logger="utils.data"):
+    with caplog.at_level(logging.INFO, logger="utils.data.prepare"):
         samples = prepare_datasets(stream, gpt2, data_args, training_args, seq_len=64)["eval"]
     assert "evaluating on the first 5 samples" in caplog.text
     assert len(list(samples)) == 5

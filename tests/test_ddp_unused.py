@@ -11,8 +11,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeni
                           XLNetLMHeadModel)
 
 from conftest import QUICK, ROOT, TINY, TOKENIZERS, WIKI_TEST_RAW
-from utils.collators import CausalLMCollator, MaskedLMCollator, PermutationLMCollator
-from utils.ddp import set_find_unused_parameters, unused_parameters
+from utils.data.collators import CausalLMCollator, MaskedLMCollator, PermutationLMCollator
+from utils.launch.ddp import set_find_unused_parameters, unused_parameters
 
 
 def _blocks(tokenizer, length: int) -> Dataset:

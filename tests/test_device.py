@@ -17,12 +17,13 @@ import utils  # noqa: E402,F401  (before torch, as in the scripts)
 from conftest import free_port  # noqa: E402
 import torch  # noqa: E402
 
-from utils import auto_ddp, device, results  # noqa: E402
+from utils.launch import auto_ddp, device  # noqa: E402
+from utils.report import results  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
 
 CANN_MISSING = "libhccl.so: cannot open shared object file: No such file or directory"
 ABI_MISMATCH = "/site-packages/torch_npu/lib/libtorch_npu.so: undefined symbol: _ZN3c1010TensorImpl7stridesEv"
-# Variables the launcher and utils.device read; tests set the ones they need.
+# Variables the launcher and utils.launch.device read; tests set the ones they need.
 DEVICE_ENV = ("LM_DEVICE", "DEVICE", "NPROC_PER_NODE", "ACCELERATE_USE_CPU", "LOCAL_RANK", "WORLD_SIZE",
               "AMP_FLAGS", "MODEL", "DATASET", "OUTPUT_DIR")
 
@@ -95,7 +96,8 @@ def test_without_accelerators_the_first_usable_device_is_cpu():
 
 
 def test_the_device_fills_in_its_training_defaults(monkeypatch, tmp_path):
-    from utils.arguments import parse_args
+    from utils.cli import Command
+    from utils.flags.arguments import parse_args
 
     monkeypatch.setenv("LM_DEVICE", "cpu")
     assert device.training_defaults("cpu") == {"use_cpu": True}  # a single process must not name a backend
@@ -104,7 +106,7 @@ def test_the_device_fills_in_its_training_defaults(monkeypatch, tmp_path):
     assert device.training_defaults("cpu")["ddp_backend"] == "gloo"
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.delenv("WORLD_SIZE")
-    *_, args = parse_args(argv=["--output_dir", str(tmp_path), "--use_cpu", "false"])
+    *_, args = parse_args(command=Command("run_clm.py", ("--output_dir", str(tmp_path), "--use_cpu", "false")))
     assert args.ddp_backend is None and args.use_cpu is True and args.device.type == "cpu"
 
 
@@ -131,7 +133,7 @@ def test_a_run_placed_elsewhere_than_asked_is_refused(monkeypatch):
 def test_npu_without_cann_gives_one_line_naming_set_env(tmp_path):
     site = fake_torch_npu(tmp_path, CANN_MISSING)
     # The way the scripts run: their CLI wrapper turns UsageError into "error: ..." and exit 2.
-    code = "import utils.device as d; from utils.cli import run_cli; run_cli(d.setup_device)"
+    code = "import utils.launch.device as d; from utils.cli import run_cli; run_cli(d.setup_device)"
     process = run([sys.executable, "-c", code], env={"LM_DEVICE": "npu"}, extra_path=site)
     assert_one_error_line(process, "CANN libraries not found (libhccl.so)", "set_env.sh")
     assert process.returncode == 2
@@ -139,7 +141,7 @@ def test_npu_without_cann_gives_one_line_naming_set_env(tmp_path):
 
 def test_npu_built_for_another_torch_is_named_as_a_version_mismatch(tmp_path):
     site = fake_torch_npu(tmp_path, ABI_MISMATCH)
-    process = run([sys.executable, "-m", "utils.device"], env={"LM_DEVICE": "npu"}, extra_path=site)
+    process = run([sys.executable, "-m", "utils.launch.device"], env={"LM_DEVICE": "npu"}, extra_path=site)
     assert_one_error_line(process, "does not match torch", torch.__version__)
 
 
@@ -148,7 +150,7 @@ def test_broken_torch_npu_is_ignored_when_npu_is_not_asked_for(tmp_path):
     site = fake_torch_npu(tmp_path, CANN_MISSING)
     # transformers imports torch_npu unguarded while TrainingArguments picks its device.
     code = (
-        "import utils.device as d\n"
+        "import utils.launch.device as d\n"
         "from transformers import TrainingArguments\n"
         "chosen = d.setup_device()\n"
         f"args = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, report_to='none')\n"
@@ -207,13 +209,22 @@ def test_launcher_stops_before_torchrun_when_npu_cannot_start(tmp_path):
 
 # --------------------------------------------------------------------------- summary row
 
+def row_cells(row: str) -> dict:
+    """The launcher's row, ``| model | devices | Acc: x | ... |``, as ``{"model": ..., "Acc": "x", ...}``."""
+    cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+    named = dict(cell.split(": ", 1) for cell in cells[2:])
+    return {"model": cells[0], "devices": cells[1], **named}
+
+
 def finished_run(folder: Path, flags: list[str], **metrics) -> Path:
     """A run's folder as training leaves it: run_info.json from the parsed flags, then its results."""
-    from utils.arguments import parse_args
-    from utils.reporting import write_run_info
+    from utils.amp.config import precision_report
+    from utils.cli import Command
+    from utils.flags.arguments import parse_args
+    from utils.report.run_info import run_info, write_run_info
 
-    *_, args = parse_args(argv=[*flags, "--output_dir", str(folder)])
-    write_run_info(args)
+    *_, args = parse_args(command=Command("run_clm.py", (*flags, "--output_dir", str(folder))))
+    write_run_info(str(folder), run_info(args, precision_report(args.amp_config)))  # what a native-backend run writes
     (folder / "all_results.json").write_text(json.dumps(metrics))
     return folder
 
@@ -222,7 +233,7 @@ def test_summary_row_of_a_reference_run(tmp_path):
     out = finished_run(tmp_path / "out", ["--model_name_or_path", "gpt2", "--dataset_name", "wikitext", "--do_train",
                                           "--fp16", "--fp16_opt_level", "O2", "--use_combine_grad"],
                        epoch=3.0, eval_accuracy=0.421349, eval_loss=3.2, train_samples_per_second=123.4449)
-    process = run([sys.executable, "-m", "utils.summary", str(out)])
+    process = run([sys.executable, "-m", "utils.report.summary", str(out)])
     assert process.returncode == 0, process.stderr
     assert process.stdout == "| gpt2 | 1p | Acc: 0.4213 | FPS: 123.4 | AMP_Type: O2 | Epochs: 3 |\n"
 
@@ -235,10 +246,10 @@ def test_summary_row_of_a_reference_run(tmp_path):
 ])
 def test_the_row_the_table_and_the_card_name_the_precision_the_run_used(tmp_path, flags, amp):
     out = finished_run(tmp_path / "out", ["--model_type", "gpt2", *flags], epoch=1.0, fps=2.0)
-    row = results.parse_row(results.summary_row(str(out)))
+    row = row_cells(results.summary_row(str(out)))
     cells = results.results_cells(str(out))
     card = results.model_card(json.loads((out / "run_info.json").read_text()), {})
-    assert (row["amp"], cells["AMP_Type"], row["model"]) == (amp, amp, "gpt2")
+    assert (row["AMP_Type"], cells["AMP_Type"], row["model"]) == (amp, amp, "gpt2")
     assert f"AMP_Type {amp})" in card
 
 
@@ -247,20 +258,19 @@ def test_summary_row_parses_back(tmp_path):
                        eval_accuracy=0.61234)
     row = results.summary_row(str(out))
     assert row.startswith("| ")
-    assert results.parse_row(row) == {"model": "roberta-base", "devices": "1p", "acc": 0.6123, "fps": 98.8,
-                                      "amp": "fp32", "epochs": 0.5}
+    assert row == "| roberta-base | 1p | Acc: 0.6123 | FPS: 98.8 | AMP_Type: fp32 | Epochs: 0.50 |"
     (out / "all_results.json").write_text("{}")
-    assert results.parse_row(results.summary_row(str(out)))["acc"] is None
+    assert row_cells(results.summary_row(str(out)))["Acc"] == "n/a"
 
 
 def test_model_column_of_a_run_without_run_info(tmp_path):
     (tmp_path / "all_results.json").write_text(json.dumps({"fps": 1.0}))
     (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "", "model_type": "gpt2"}))
-    assert results.parse_row(results.summary_row(str(tmp_path)))["model"] == "gpt2"
+    assert row_cells(results.summary_row(str(tmp_path)))["model"] == "gpt2"
 
 
 def test_summary_without_results_is_one_line(tmp_path):
-    process = run([sys.executable, "-m", "utils.summary", str(tmp_path)])
+    process = run([sys.executable, "-m", "utils.report.summary", str(tmp_path)])
     assert_one_error_line(process, "all_results.json not found")
 
 
@@ -307,9 +317,9 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
     log = (out / "train.log").read_text()
     row = [line for line in log.splitlines() if line.startswith("| ")][-1]
     assert process.stdout.rstrip().splitlines()[-1] == row
-    parsed = results.parse_row(row)
-    assert parsed["model"] == "gpt2" and parsed["devices"] == "2p" and parsed["amp"] == "fp32"
-    assert 0.0 <= parsed["acc"] <= 1.0 and parsed["fps"] > 0
+    parsed = row_cells(row)
+    assert parsed["model"] == "gpt2" and parsed["devices"] == "2p" and parsed["AMP_Type"] == "fp32"
+    assert 0.0 <= float(parsed["Acc"]) <= 1.0 and float(parsed["FPS"]) > 0
 
 
 # ------------------------------------------------- `python run_clm.py` with several devices
@@ -317,21 +327,23 @@ def test_8p_launcher_trains_on_two_cpu_ranks(tmp_path):
 
 def test_one_process_on_several_devices_becomes_one_per_device(monkeypatch, tmp_path):
     """What `python run_clm.py ...` on a 2-GPU machine execs; the command is then run for real (on CPU)."""
+    from utils.cli import Command
+
     monkeypatch.setattr(auto_ddp, "device_count", lambda name: 2)
-    monkeypatch.setattr(sys, "argv", ["run_clm.py", "--do_train"])
-    assert auto_ddp.all_devices_command("cpu") is None  # processes on one CPU are the launchers' choice
+    one_process = Command("run_clm.py", ("--do_train",))
+    assert auto_ddp.all_devices_command("cpu", one_process) is None  # processes on one CPU are the launchers' choice
     monkeypatch.setenv("LM_AUTO_DDP", "0")
-    assert auto_ddp.all_devices_command("cuda") is None
+    assert auto_ddp.all_devices_command("cuda", one_process) is None
     monkeypatch.delenv("LM_AUTO_DDP")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert auto_ddp.all_devices_command("cuda") is None  # already under torchrun
+    assert auto_ddp.all_devices_command("cuda", one_process) is None  # already under torchrun
     monkeypatch.delenv("LOCAL_RANK")
 
     execs = []
     monkeypatch.setattr(os, "execve", lambda path, command, env: execs.append((command, env)))
-    auto_ddp.run_on_all_devices("npu")
+    auto_ddp.run_on_all_devices("npu", one_process)
     [(command, env)] = execs
-    assert command == [sys.executable, "-m", "utils.torchrun", "--standalone", "--nproc_per_node=2",
+    assert command == [sys.executable, "-m", "utils.launch.torchrun", "--standalone", "--nproc_per_node=2",
                        str(Path("run_clm.py").resolve()), "--do_train"]
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
 

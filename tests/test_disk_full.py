@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import QUICK, TINY, read_json, run_script
-from utils.checkpoints import checkpoint_problem
+from utils.runs.checkpoints import checkpoint_problem
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-import utils.fast_tokenize as fast_tokenize
+import utils.data.fast_tokenize as fast_tokenize
 from conftest import DATA, TOKENIZERS, WIKI_TEST_RAW
-from utils.data import SampleRecipe
-from utils.fast_tokenize import ByteLevelEncoder, exact_encoder
+from utils.data.prepare import SampleRecipe
+from utils.data.fast_tokenize import ByteLevelEncoder, exact_encoder
 
 WIKI_VALID = DATA / "wikitext-2-v1" / "wiki.valid.tokens"  # has <unk>, an added token of RoBERTa's
 # What real text can hold that a plain BPE would get wrong: added tokens (with and without lstrip),
@@ -45,7 +45,7 @@ def test_ids_equal_the_tokenizer_call_on_real_text(name):
 @pytest.mark.parametrize("name", ["xlnet-base-cased", "bert-base-uncased"])
 def test_other_tokenizers_use_the_tokenizers_library(name, caplog):
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / name)
-    with caplog.at_level(logging.INFO, logger="utils.fast_tokenize"):
+    with caplog.at_level(logging.INFO, logger="utils.data.fast_tokenize"):
         assert exact_encoder(tokenizer, lines(WIKI_TEST_RAW, 50)) is None
     assert "Tokenizing with the tokenizers library" in caplog.text
 
@@ -60,7 +60,7 @@ def test_a_difference_on_the_sample_means_the_tokenizers_library(monkeypatch, ca
         return flat, lengths
 
     monkeypatch.setattr(ByteLevelEncoder, "encode", off_by_one)
-    with caplog.at_level(logging.INFO, logger="utils.fast_tokenize"):
+    with caplog.at_level(logging.INFO, logger="utils.data.fast_tokenize"):
         assert exact_encoder(tokenizer, lines(WIKI_TEST_RAW, 200)) is None
     assert "ids differ" in caplog.text
 
@@ -68,7 +68,7 @@ def test_a_difference_on_the_sample_means_the_tokenizers_library(monkeypatch, ca
 def test_without_tiktoken_the_tokenizers_library_runs(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
-    with caplog.at_level(logging.INFO, logger="utils.fast_tokenize"):
+    with caplog.at_level(logging.INFO, logger="utils.data.fast_tokenize"):
         assert exact_encoder(tokenizer, lines(WIKI_TEST_RAW, 20)) is None
     assert "install tiktoken" in caplog.text
 
@@ -92,7 +92,7 @@ def test_blocks_equal_the_stock_list_pipeline(name, tmp_path, caplog):
     for workers in (None, 2):
         recipe = SampleRecipe(tokenizer, column="text", seq_len=256, line_by_line=False, pad_to_max_length=False,
                               num_proc=workers)
-        with caplog.at_level(logging.INFO, logger="utils.fast_tokenize"):
+        with caplog.at_level(logging.INFO, logger="utils.data.fast_tokenize"):
             samples = recipe.build(Dataset.from_dict({"text": texts}), None, str(tmp_path / str(workers)))
         assert "Tokenizing with tiktoken" in caplog.text
         assert samples["input_ids"] == expected

@@ -7,10 +7,10 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.trainer_utils import EvalPrediction
 
-from utils.arguments import LMTrainingArguments
-from utils.collators import CausalLMCollator
-from utils.metrics import TokenAccuracy
-from utils.trainer import LMTrainer
+from utils.flags.arguments import LMTrainingArguments
+from utils.data.collators import CausalLMCollator
+from utils.model.metrics import TokenAccuracy
+from utils.train.trainer import LMTrainer
 
 
 def full_accuracy(predictions: np.ndarray, labels: np.ndarray, shift: bool) -> float:

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from conftest import ROOT, TINY, read_json
-from test_reliability import FAULT_PLUGIN, free_port
-from utils.checkpoints import COMPLETE_MARKER
+from conftest import FAULT_PLUGIN, free_port
+from utils.runs.checkpoints import COMPLETE_MARKER
 
 # 12 samples of 64 tokens, 2 per process and step: 3 steps per epoch, 6 steps in all.
 FLAGS = [*TINY["clm"], "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--max_steps", "6",
@@ -106,7 +106,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes_by_itself(uninterrupte
 
 
 def test_a_worker_killed_by_a_stop_signal_never_reports_a_saved_checkpoint():
-    from utils import torchrun
+    from utils.launch import torchrun
 
     assert torchrun.exit_status(143) == 143 and torchrun.exit_status(2) == 2  # the worker's own status
     assert torchrun.exit_status(-signal.SIGTERM) == 1 and torchrun.exit_status(-signal.SIGINT) == 1

@@ -1,4 +1,4 @@
-"""Preemption, kills at any moment, exact resume, non-finite losses (utils/reliability.py, utils/checkpoints.py).
+"""Preemption, kills at any moment, exact resume, non-finite losses (utils/train/stops.py, utils/runs/checkpoints.py).
 
 The subprocess tests use the test-only fault plugin (tests/fault_plugin/sitecustomize.py, on
 PYTHONPATH, driven by LM_FAULT_PLAN): signals and kills are real (os.kill on the script's own
@@ -20,14 +20,13 @@ from fault_plugin.sitecustomize import planned_faults
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from conftest import ROOT, TINY, read_json, run_script
-from utils.arguments import LMTrainingArguments
-from utils.checkpoints import COMPLETE_MARKER, _publish, _write_marker, checkpoint_problem, checkpoint_to_resume
-from utils import reliability
+from conftest import ROOT, TINY, free_port, read_json, run_script, with_faults
+from utils.flags.arguments import LMTrainingArguments
+from utils.runs.checkpoints import COMPLETE_MARKER, checkpoint_problem, publish, write_marker
+from utils.runs.folder import RunFolder
+from utils.train import stops
 from utils.errors import UsageError
-from utils.reliability import PreemptionCallback
-
-FAULT_PLUGIN = ROOT / "tests" / "fault_plugin"
+from utils.train.stops import PreemptionCallback
 
 # 12 samples of 64 tokens, 4 per step: 3 steps per epoch, so resumes cross epoch boundaries.
 RUN = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_steps", "8",
@@ -39,19 +38,6 @@ def train(task, text_files, out, faults="", *extra, eval_too=True):
     evaluation = ["--do_eval", "--validation_file", text_files["valid"]] if eval_too else []
     return run_script(task, *TINY[task], *RUN, *extra, "--train_file", text_files["train"], "--do_train",
                       *evaluation, "--output_dir", out, check=False, env=with_faults(faults))
-
-
-def with_faults(faults: str, *paths) -> dict:
-    """The environment that loads the test-only fault plugin into the scripts' processes."""
-    return {"LM_FAULT_PLAN": faults, "PYTHONPATH": os.pathsep.join(map(str, (FAULT_PLUGIN, *paths)))}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses_by_step(out) -> dict:
@@ -160,12 +146,18 @@ def fake_checkpoint(folder, step, complete=True):
     (path / "model.safetensors").write_bytes(b"x" * 100)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if complete:
-        _write_marker(str(path), step)
+        write_marker(str(path), step)
     return path
 
 
 def args_for(out, **kwargs):
     return LMTrainingArguments(output_dir=str(out), do_train=True, report_to="none", **kwargs)
+
+
+def checkpoint_to_resume(args):
+    """What a start with ``args`` resumes from, the folder's lock let go again."""
+    with RunFolder.claim(args) as run:
+        return run.checkpoint
 
 
 def test_resume_takes_the_newest_complete_checkpoint_and_says_what_it_skipped(tmp_path, caplog):
@@ -211,7 +203,7 @@ def test_publishing_over_an_existing_checkpoint_replaces_it(tmp_path):
     old = fake_checkpoint(tmp_path, 4)
     new = fake_checkpoint(tmp_path / "tmp-checkpoint-4", 4)
     (new / "model.safetensors").write_bytes(b"new")
-    _publish(str(new), str(old))
+    publish(str(new), str(old))
     assert (old / "model.safetensors").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "tmp-checkpoint-4"]
 
@@ -245,7 +237,7 @@ def test_a_second_signal_is_not_caught():
         callback.on_train_begin(args, state, control)
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # at once: the same stop delivered twice (systemd, then torchrun)
-        callback._received_at -= reliability.SAME_STOP_SECONDS
+        callback._received_at -= stops.SAME_STOP_SECONDS
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
@@ -379,14 +371,14 @@ def test_one_run_at_a_time_and_a_killed_run_leaves_no_stale_lock(text_files, tmp
 
 def test_fault_injection_is_not_in_the_shipped_code():
     # Neither the variable the scripts once honoured nor the plugin's: only the plugin injects faults.
-    shipped = [*ROOT.glob("run_*.py"), *(ROOT / "utils").glob("*.py"), *(ROOT / "scripts").glob("*")]
+    shipped = [*ROOT.glob("run_*.py"), *(ROOT / "utils").rglob("*.py"), *(ROOT / "scripts").glob("*")]
     pattern = re.compile("LM_TEST_FAULTS|LM_FAULT_PLAN|fault_point|FaultInjection")
     assert [p.name for p in shipped if pattern.search(p.read_text(encoding="utf-8"))] == []
 
 
 def test_a_checkpoint_of_an_earlier_run_is_never_resumed_even_after_a_cut_off_clearing(tmp_path, monkeypatch,
                                                                                        caplog):
-    from utils import checkpoints
+    from utils.runs import checkpoints
 
     def write_run_state(folder, run_id, command):
         (out / "run_state.json").write_text(json.dumps({"run_id": run_id, "command": command, "stage": "training"}))
@@ -413,18 +405,18 @@ def test_a_checkpoint_of_an_earlier_run_is_never_resumed_even_after_a_cut_off_cl
         os.rename(source, target)
 
     write_run_state(out, "this", "another command")  # so that --overwrite_output_dir starts over
-    from utils.checkpoints import begin_run
-
     monkeypatch.setattr(checkpoints.os, "rename", rename_then_die)
-    assert checkpoint_to_resume(args_for(out, overwrite_output_dir=True)) is None
-    with pytest.raises(KeyboardInterrupt):
-        begin_run()  # what train_and_save does before the first step
+    with RunFolder.claim(args_for(out, overwrite_output_dir=True)) as run:
+        assert run.checkpoint is None
+        with pytest.raises(KeyboardInterrupt):
+            run.begin()  # what train_and_save does before the first step
     monkeypatch.undo()
     assert list(out.glob("checkpoint-*"))  # the clearing was cut off
     with pytest.raises(UsageError, match="holds no checkpoint to resume from"):
         checkpoint_to_resume(args_for(out))
-    assert checkpoint_to_resume(args_for(out, overwrite_output_dir=True)) is None
-    begin_run()
+    with RunFolder.claim(args_for(out, overwrite_output_dir=True)) as run:
+        assert run.checkpoint is None
+        run.begin()
     assert not list(out.glob("checkpoint-*")) and not list(out.glob("tmp-*"))
 
 
@@ -442,8 +434,8 @@ def test_work_folders_of_a_killed_tokenization_are_removed(text_files, tmp_path)
     from transformers import AutoTokenizer
 
     from conftest import TOKENIZERS
-    from utils.data import prepare_datasets
-    from utils.data_cache import tokenized_cache_root
+    from utils.data.prepare import prepare_datasets
+    from utils.data.cache import tokenized_cache_root
 
     root = tokenized_cache_root(str(tmp_path))
     host = __import__("socket").gethostname()

@@ -12,8 +12,6 @@ import pytest
 
 from conftest import QUICK, ROOT, TINY, read_json, run_script
 
-from utils.reporting import precision_setup
-
 SCRIPTS = ROOT / "scripts"
 
 
@@ -146,14 +144,3 @@ def test_start_of_run_block_is_logged_once(run):
         assert text in run.log, text
     info = read_json(run.out / "run_info.json")
     assert (info["device"].split(":")[0], info["world_size"], info["effective_batch_size"]) == ("cpu", 1, 4)
-
-
-def test_precision_setup_names_what_the_run_uses():
-    amp = SimpleNamespace(fp16=True, bf16=False, fp16_opt_level="O2", use_combine_grad=True, loss_scale="dynamic",
-                          amp_backend="native")
-    assert precision_setup(amp) == {"amp_type": "O2", "precision": "fp16", "precision_backend": "native",
-                                    "opt_level": "O2", "combine_grad": True, "loss_scale": "dynamic"}
-    fp32 = SimpleNamespace(fp16=False, bf16=False, fp16_opt_level=None, use_combine_grad=False, loss_scale="dynamic",
-                           amp_backend="auto")
-    assert precision_setup(fp32) == {"amp_type": "fp32", "precision": "fp32", "precision_backend": "none",
-                                     "opt_level": None, "combine_grad": False, "loss_scale": None}

@@ -9,7 +9,6 @@ srun, scancel and scontrol on PATH that behave as Slurm does on one node.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,9 +22,9 @@ import utils  # noqa: F401  (before torch, as in the scripts)
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, read_json
+from conftest import ROOT, TINY, free_port, read_json
 from utils.errors import UsageError
-from utils.scaling import check_scaling_flags
+from utils.flags.checks import check_scaling_flags
 
 NO_DROPOUT = ["--config_overrides", "n_layer=2,n_embd=64,n_head=2,n_positions=128,resid_pdrop=0,embd_pdrop=0,"
               "attn_pdrop=0"]
@@ -34,12 +33,6 @@ TRAIN = [*TINY["clm"], *NO_DROPOUT, "--do_train", "--per_device_train_batch_size
          "--gradient_accumulation_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1",
          "--save_steps", "100000", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7",
          "--train_sampling_strategy", "sequential"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(**extra) -> dict:
@@ -75,7 +68,7 @@ class Runs:
     def __call__(self, name: str, *extra, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path]:
         if name not in self.done:
             out = self.root / name
-            command = [sys.executable, "-m", "utils.torchrun", "--nproc_per_node", "2", "--master_port",
+            command = [sys.executable, "-m", "utils.launch.torchrun", "--nproc_per_node", "2", "--master_port",
                        str(free_port()), str(ROOT / "run_clm.py"), *self.flags, *extra, "--output_dir", str(out)]
             process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                                      env=clean_env(**(env or {})))
@@ -352,7 +345,7 @@ def test_models_whose_ties_fsdp_cannot_group_are_refused(model_class, config, re
     # Masked-LM heads tie the output bias to a parameter outside the output layer: FSDP2 fails on it.
     import transformers
 
-    from utils.scaling import _check_ties_fsdp_can_shard
+    from utils.train.sharding import _check_ties_fsdp_can_shard
 
     config = transformers.AutoConfig.for_model(**config)
     model = getattr(transformers, model_class)(config)

@@ -23,21 +23,20 @@ SPELLINGS = [
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS, ids=lambda s: s[0].split("=")[0])
-def test_every_spelling_is_masked_in_a_command_line(spelling):
-    from utils.secrets import masked_launch_command
+def test_every_spelling_is_masked_in_the_launchers_flags(spelling):
+    from utils.flags.launch_flags import read_flags
 
-    command = [sys.executable, "-m", "utils.torchrun", "--nproc_per_node=1", "run_clm.py", "--seed", "1", *spelling,
-               "--output_dir", "out"]
-    masked = masked_launch_command(command)
+    flags = ["--seed", "1", *spelling, "--output_dir", "out"]
+    *_, output_dir, masked = read_flags("clm", flags)
     assert not any("hf_SECRET" in arg for arg in masked), masked
-    assert masked[:7] == command[:7] and masked[-2:] == ["--output_dir", "out"]
+    assert masked[:2] == flags[:2] and masked[-2:] == ["--output_dir", "out"] and output_dir == "out"
 
 
 def test_a_command_that_does_not_parse_is_masked_too():
-    # "--tok" is ambiguous (--token, --tokenizer_name): the run refuses it, but its log line must not leak.
-    from utils.secrets import masked_launch_command
+    # "--tok" is ambiguous (--token, --tokenizer_name): the run refuses it, but a log line of it must not leak.
+    from utils.flags.secrets import mask_command
 
-    masked = masked_launch_command(["python", "run_clm.py", "--tok", "hf_SECRET", "--hub_tok=hf_SECRET"])
+    masked = mask_command(["python", "run_clm.py", "--tok", "hf_SECRET", "--hub_tok=hf_SECRET"], set())
     assert masked == ["python", "run_clm.py", "--tok", "***", "--hub_tok=***"]
 
 

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import utils.speed as speed
+import utils.report.speed as speed
 
 ARGS = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=2)  # 16 per step
 

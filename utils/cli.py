@@ -1,90 +1,91 @@
-"""What every script does around its recipe: starting the run, and turning user errors into one line."""
+"""A script's command line, read once, and how the script's end becomes its exit status.
 
-import logging
+``Command.of_process()`` is the one place that reads ``sys.argv``. The flag parser
+(utils/flags/arguments.py), the run folder's record of the command (utils/runs/folder.py), the
+command line in run_info.json and the restart under torchrun (utils/launch/auto_ddp.py) all take
+the ``Command`` it returns. As in the Hugging Face examples, a command line that is one ``.json``
+argument names a file of flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
 import os
 import sys
+from dataclasses import dataclass
 
-import datasets
-import transformers
-
-from . import run_folder
-from .auto_ddp import run_on_all_devices
-from .cpu import keep_freed_memory, log_precision_hint
-from .device import describe_device
-from .errors import TrainingStopped, UsageError
-
-logger = logging.getLogger(__name__)
+from utils.dist import close_process_group, is_first_process
+from utils.errors import NothingToDo, TrainingStopped, UsageError
 
 
-def setup_logging(training_args) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        # The default log_level is "passive"; like the Hugging Face examples, show info then.
-        transformers.utils.logging.set_verbosity_info()
-    level = training_args.get_process_log_level()
-    logging.getLogger("utils").setLevel(level)
-    logging.getLogger("__main__").setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
+@dataclass(frozen=True)
+class Command:
+    """The script as it was started, and its arguments."""
 
+    script: str
+    args: tuple[str, ...]
 
-def start_run(training_args) -> None:
-    """What happens between parsing and the recipe: logging, one process per device, seeds, CPU set-up.
+    @classmethod
+    def of_process(cls) -> Command:
+        return cls(sys.argv[0], tuple(sys.argv[1:]))
 
-    A plain ``python run_*.py`` that sees several GPUs or NPUs does not return from here: it is
-    replaced by one process per device under torchrun (``utils/auto_ddp.py``), each of which
-    parses its flags and comes here again.
-    """
-    setup_logging(training_args)
-    device = training_args.device.type
-    run_on_all_devices(device)
-    transformers.set_seed(training_args.seed)  # Python, NumPy, torch and every device, before the model is built
-    if training_args.process_index == 0:
-        logger.info("Device: %s", describe_device(device))
-    if device == "cpu":
-        if keep_freed_memory():  # before the model and its buffers are allocated: see utils/cpu.py
-            logger.info("Allocator: freed memory is kept for reuse (set LM_KEEP_FREED_MEMORY=0 to turn it off)")
-        if training_args.process_index == 0:
-            log_precision_hint(training_args)
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.script)
+
+    @property
+    def flag_file(self) -> str | None:
+        """The file of flags, when the whole command line is one ``.json`` argument."""
+        return self.args[0] if len(self.args) == 1 and self.args[0].endswith(".json") else None
+
+    def flag_file_values(self) -> dict:
+        """``{flag: value}`` from the file of flags."""
+        try:
+            with open(self.flag_file, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"{self.flag_file}: not a JSON file of flags ({err})") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"{self.flag_file}: a JSON file of flags holds one object, {{\"flag\": value, ...}}")
+        return values
+
+    def flags(self) -> list[str]:
+        """The flags as a command line gives them (a file of flags written out as ``--flag value`` pairs)."""
+        if self.flag_file is None:
+            return list(self.args)
+        flags = []
+        for name, value in self.flag_file_values().items():
+            flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        return flags
+
+    def fingerprint(self) -> str:
+        """What tells this command from another: the script's name and its arguments (a file of flags by content)."""
+        parts = [self.name, *self.args]
+        if self.flag_file is not None and os.path.isfile(self.flag_file):
+            with open(self.flag_file, "rb") as f:
+                parts.append(hashlib.sha256(f.read()).hexdigest())
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def run_cli(main) -> None:
-    """Run ``main()``; a UsageError becomes ``error: ...`` on stderr and exit status 2.
+    """Run ``main()`` and exit with the status its end calls for.
 
-    Training that stopped early with its work saved (``TrainingStopped``: preempted, non-finite
-    loss; see utils/reliability.py) prints its one line and exits with the status it carries.
-    A run already done (utils/run_folder.py) prints one line and exits with 0; a run that
-    completes is recorded as finished in its --output_dir.
+    ``UsageError``: ``error: ...`` on stderr, exit 2. ``TrainingStopped`` (preempted, non-finite
+    loss; see utils/train/stops.py): its one line and its own status. ``NothingToDo`` (the run
+    asked for is already done, utils/runs/folder.py): its one line, once, and 0.
     """
     try:
         main()
     except UsageError as err:
-        run_folder.release_output_dir()  # a refused run leaves no folder of its own behind
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
-    except run_folder.NothingToDo as done:
-        if os.environ.get("RANK", "0") == "0":  # once, not once per process
+    except NothingToDo as done:
+        if is_first_process():  # once, not once per process
             sys.stderr.write(f"{done}\n")
         sys.exit(0)
     except TrainingStopped as stop:
         sys.stderr.write(f"{stop}\n")
-        _close_process_group()
+        close_process_group()
         sys.exit(stop.exit_status)
-    run_folder.mark(run_folder.FINISHED)
-    _close_process_group()
-
-
-def _close_process_group() -> None:
-    # Leaving with the process group still open lets its communication threads be torn down
-    # at interpreter exit, which can abort the process (SIGABRT) after its work was saved, and
-    # torchrun would then report that instead of the run's own exit status.
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()

@@ -1,8 +1,11 @@
-"""Errors a user can fix: the scripts print them as one line and exit non-zero."""
+"""How a run ends early on purpose: errors a user can fix, a stop with the work saved, nothing left to do.
+
+``utils.cli.run_cli`` turns each into one line and an exit status; nothing here imports the rest.
+"""
 
 
 class UsageError(Exception):
-    """Bad input or environment, described in one line that names the flag or file and what to do."""
+    """Bad input or environment, described in one line that names the flag or file and what to do (exit 2)."""
 
 
 class TrainingStopped(Exception):
@@ -14,3 +17,7 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
         self.exit_status = exit_status
+
+
+class NothingToDo(Exception):
+    """The run asked for is already done: the script prints this one line and exits with 0."""

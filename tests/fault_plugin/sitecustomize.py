@@ -2,7 +2,7 @@
 
 A test puts this folder on PYTHONPATH; Python imports ``sitecustomize`` at start-up in every
 process (the scripts, torchrun, the launcher's helpers). Nothing happens until the suite's
-``utils.trainer`` is imported: then every LMTrainer gets ``FaultInjectionCallback`` and the
+``utils.train.trainer`` is imported: then every LMTrainer gets ``FaultInjectionCallback`` and the
 checkpoint publishing step gets a kill point. Without this folder on the path, LM_FAULT_PLAN
 means nothing.
 
@@ -49,7 +49,7 @@ def _first_attempt() -> bool:
 def _make_callback_class():
     from transformers import TrainerCallback
 
-    from utils.reliability import PreemptionCallback
+    from utils.train.stops import PreemptionCallback
 
     class FaultInjectionCallback(TrainerCallback):
         def __init__(self, trainer):
@@ -100,7 +100,7 @@ def _nan_loss(module, inputs, outputs):
 
 
 def _install(trainer_module):
-    import utils.checkpoints as checkpoints
+    import utils.train.checkpointing as checkpointing
 
     callback_class = _make_callback_class()
     original_init = trainer_module.LMTrainer.__init__
@@ -114,7 +114,7 @@ def _install(trainer_module):
 
     trainer_module.LMTrainer.__init__ = init
 
-    original_publish = checkpoints._publish
+    original_publish = checkpointing.publish
 
     def publish(staged, final):
         step = int(final.rsplit("-", 1)[1])
@@ -122,14 +122,14 @@ def _install(trainer_module):
             os.kill(os.getpid(), signal.SIGKILL)
         original_publish(staged, final)
 
-    checkpoints._publish = publish
+    checkpointing.publish = publish
 
 
 class _PatchTrainerOnImport(importlib.abc.MetaPathFinder):
-    """Lets ``utils.trainer`` load as usual, then installs the faults into it."""
+    """Lets ``utils.train.trainer`` load as usual, then installs the faults into it."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "utils.trainer":
+        if name != "utils.train.trainer":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:

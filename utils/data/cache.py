@@ -1,0 +1,89 @@
+"""The tokenized-data cache: a prepared split stored under a key of everything that made it.
+
+An entry is built in a work folder of its own (``.build-PID@HOST-...``) and renamed into place
+when complete, so a run killed while tokenizing leaves no half-written entry; work folders of
+processes of this machine that are gone are removed by the next build.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+
+import datasets
+from datasets import Dataset
+
+from utils.data.arrow_files import whole_file, write_rows
+
+logger = logging.getLogger(__name__)
+
+
+def tokenized_cache_root(cache_dir: str | None) -> str:
+    if cache_dir:
+        return os.path.join(cache_dir, "tokenized")
+    return os.path.join(datasets.config.HF_DATASETS_CACHE, "tokenized")
+
+
+def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, overwrite: bool,
+                   cache_dir: str | None) -> Dataset:
+    """The samples ``recipe`` makes of ``rows``: read from the cache, or built and stored there."""
+    root = tokenized_cache_root(cache_dir)
+    path = os.path.join(root, recipe.key(source, max_samples))
+    if os.path.isdir(path) and not overwrite:
+        logger.info("Reusing tokenized data from %s", path)
+        return Dataset.from_file(os.path.join(path, SAMPLES_FILE))
+    logger.info("Tokenizing (from %d rows of text)%s; caching the result in %s", len(rows),
+                " again (--overwrite_cache)" if overwrite else "", path)
+    os.makedirs(root, exist_ok=True)
+    _remove_dead_builds(root)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f"{BUILD_PREFIX}{os.getpid()}@{socket.gethostname()}-") as workdir:
+        samples = recipe.build(rows, max_samples, workdir)
+        if len(samples) == 0:
+            return samples  # nothing worth caching; the caller reports it
+        staging = os.path.join(workdir, "samples")
+        os.makedirs(staging)
+        built = whole_file(samples)
+        if built is not None:  # the build's own file (all blocks, packed): moved, not written again
+            os.replace(built, os.path.join(staging, SAMPLES_FILE))
+        else:  # a prefix (--max_train_samples), or several files: by plain reads (utils/data/arrow_files.py)
+            write_rows(samples, os.path.join(staging, SAMPLES_FILE))
+        # Publish atomically: a run killed mid-save leaves no half-written entry behind.
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    return Dataset.from_file(os.path.join(path, SAMPLES_FILE))
+
+
+SAMPLES_FILE = "samples.arrow"  # an entry is a folder holding this one Arrow file
+BUILD_PREFIX = ".build-"  # .build-PID@HOST-xxxx: the work folder of a process building a cache entry
+
+
+def _remove_dead_builds(root: str) -> None:
+    """Work folders left by a process of this machine that was killed while building (never a live one's)."""
+    for name in os.listdir(root):
+        # tempfile's random suffix has no "-"; a host name may.
+        owner = name[len(BUILD_PREFIX):].rsplit("-", 1)[0] if name.startswith(BUILD_PREFIX) else ""
+        pid, _, host = owner.partition("@")
+        if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+            logger.info("Removing %s, left by a tokenization that was cut off", os.path.join(root, name))
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens, tokenizer.padding_side])
+    return hashlib.sha256((content + extra).encode()).hexdigest()

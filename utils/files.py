@@ -1,0 +1,60 @@
+"""Files a run writes whole or not at all, with the permissions every output gets.
+
+A kill (or a full disk) in the middle of a write leaves the old file or the new one, never half
+of one: the content goes to ``NAME.tmp``, is flushed to disk, and is then renamed over ``NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from utils.errors import UsageError
+
+
+def output_mode() -> int:
+    """The mode of a new file under this process's umask (0644 under the common 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync(path: str) -> None:
+    """Flush a file (or a folder's entries, after a rename into it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str, text: str) -> None:
+    """Replace ``path`` with ``text``, whole."""
+    staging = path + ".tmp"
+    try:
+        with open(staging, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(staging, output_mode())
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)  # a full disk must not leave the half-written copy behind
+        raise
+
+
+def write_json(path: str, data) -> None:
+    """Replace ``path`` with ``data`` as indented JSON, whole."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str):
+    """The JSON content of ``path``; None when the file does not exist."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err})") from None

@@ -1,0 +1,278 @@
+"""Command-line arguments shared by the three scripts.
+
+The flags keep the names, meanings and defaults of the Hugging Face language-modeling
+examples, so that a user's existing command lines work unchanged. Each script adds a small
+dataclass of its own flags (``--block_size``, ``--mlm_probability``, ...).
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_SCALE_WINDOW
+from utils.cli import Command
+from utils.errors import UsageError
+from utils.flags.checks import check_chunk_flags, check_counts, check_scaling_flags, precision_config
+from utils.flags.secrets import mask_command, secret_values
+from utils.launch.device import check_placement, setup_device, training_defaults
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to start from."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model to fine-tune: a hub name (e.g. gpt2) or a local folder. Leave unset to train from scratch."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Architecture to build from scratch (e.g. gpt2, bert, roberta, xlnet) when no model is given."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "From scratch only: comma-separated config changes, e.g. n_embd=64,n_layer=2,resid_pdrop=0.2."},
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config name or path, if not the same as the model."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the same as the model."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where to keep models and datasets downloaded from the hub, and our tokenized datasets."},
+    )
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Use a fast (Rust) tokenizer where one exists."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Hub revision to use: a branch, tag or commit id."}
+    )
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token for private models or datasets (default: the one from `hf auth login`)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models and tokenizers defined by code on the hub. Only for repositories you trust."},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the model weights in this dtype ('auto' takes the checkpoint's).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+            "aliases": ["--torch_dtype"],
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which text to train and evaluate on, and how to prepare it."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset name on the hub (e.g. wikitext), or a local dataset folder."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "The dataset's configuration (e.g. wikitext-2-raw-v1)."}
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training text: a .txt, .csv, .json or .jsonl file."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation text, of the same type as --train_file."}
+    )
+    text_column_name: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the text in csv/json data (default: 'text' if present, else the first column)."},
+    )
+    validation_split_percentage: int = field(
+        default=5,
+        metadata={"help": "Percent of the training data held out for evaluation when there is no validation split."},
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on at most this many samples (blocks); only the text they need is tokenized."},
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many samples (blocks)."}
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenize again even when a matching cached dataset exists."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes used for tokenization."}
+    )
+    keep_linebreaks: bool = field(
+        default=True, metadata={"help": "Keep line breaks in .txt files."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Read the data as a stream instead of preparing it all first (needs --max_steps)."}
+    )
+
+
+@dataclass
+class SequenceArguments:
+    """How mlm and plm cut text into sequences."""
+
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Sequence length after tokenization (default: the model's maximum, at most 1024)."},
+    )
+    line_by_line: bool = field(
+        default=False, metadata={"help": "Treat each non-empty line as one sequence instead of packing the text into blocks."}
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every sequence to --max_seq_length in preprocessing instead of per batch."},
+    )
+
+
+@dataclass
+class LMTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments plus the flags this suite adds."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in a non-empty --output_dir instead of resuming from its last checkpoint."},
+    )
+    fps_warmup_steps: int = field(
+        default=5,
+        metadata={"help": "Optimizer steps left out of the FPS figure (fps in train_results.json), so that "
+                          "start-up does not count."},
+    )
+    on_nonfinite_loss: str = field(
+        default="stop",
+        metadata={"help": "On a NaN/inf training loss: 'stop' (exit status 3, nothing of that step saved, the last "
+                          "checkpoint kept) or 'skip' (drop that step's update and go on). fp16 with dynamic loss "
+                          "scaling skips such steps itself.",
+                  "choices": ["stop", "skip"]},
+    )
+    fp16_opt_level: str | None = field(
+        default=None,
+        metadata={"help": "Mixed-precision level with --fp16 or --bf16 (default O1), as apex's: O0 fp32; O1 fp32 "
+                          "weights, forward under autocast; O2 half weights except norms, fp32 master weights in the "
+                          "optimizer; O3 everything half, optimizer state too (a speed baseline; fp16 O3 needs "
+                          "--adam_epsilon 1e-4 or more)."},
+    )
+    loss_scale: str = field(
+        default="dynamic",
+        metadata={"help": "fp16 loss scale: 'dynamic' (start at 2**16, halve and skip the step on inf/NaN gradients, "
+                          "double after --loss_scale_window clean steps) or a fixed positive number. bf16 needs none."},
+    )
+    loss_scale_window: int = field(
+        default=DEFAULT_SCALE_WINDOW,
+        metadata={"help": "With --loss_scale dynamic: clean steps after which the loss scale doubles."},
+    )
+    min_loss_scale: float = field(
+        default=DEFAULT_MIN_SCALE,
+        metadata={"help": "With --loss_scale dynamic: the scale never drops below this; when fp16 gradients keep "
+                          "overflowing at it, training stops with exit status 3 instead of skipping every step."},
+    )
+    use_combine_grad: bool = field(
+        default=False,
+        metadata={"help": "Keep weights, gradients and master weights in flat buffers, so that unscaling, clipping, "
+                          "the optimizer step and the DDP all-reduce each run over a few large tensors. Needs --fp16 "
+                          "or --bf16."},
+    )
+    loss_chunk_size: int = field(
+        default=0,
+        metadata={"help": "Compute the output layer and the loss this many tokens at a time (e.g. 1024), so that "
+                          "the [tokens, vocabulary] logits and their gradient are never held whole: much less memory "
+                          "for large vocabularies, the same loss up to float rounding. 0 (default): off."},
+    )
+    amp_backend: str = field(
+        default="auto",
+        metadata={"help": "Who does --fp16/--bf16: 'auto' takes apex's amp when an apex release that has it is "
+                          "installed (fp16 only), else the suite's native one; 'native' or 'apex' force one."},
+    )
+
+    # What the run is, noted at parsing (``note_run``) for run_info.json and the run folder; not flags.
+    run_model: str = field(default="unknown", init=False)
+    run_dataset: str = field(default="unknown", init=False)
+    run_command: list = field(default_factory=list, init=False)  # script and flags, hub tokens masked
+    run_fingerprint: str = field(default="", init=False)  # tells this command from another (utils.cli.Command)
+
+    def __post_init__(self):
+        # Checked before TrainingArguments' own checks, whose messages name no flag (utils/flags/checks.py).
+        self.amp_config = precision_config(self)  # the one AmpConfig of the run; None for fp32
+        check_scaling_flags(self)
+        check_counts(self)
+        check_chunk_flags(self)
+        super().__post_init__()
+        if self.amp_config is not None:
+            # The suite's AMP (utils/amp/, or apex) does the mixed precision: accelerate's own autocast
+            # and GradScaler on top would autocast O2 weights and scale the loss a second time.
+            self.mixed_precision = "no"
+
+    def __getstate__(self):
+        # training_args.bin (in every checkpoint and the final model) is a pickle of these
+        # arguments; the hub token must not travel with it. The running process keeps it.
+        state = dict(self.__dict__)
+        state["hub_token"] = None
+        return state
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):
+        # argparse's default prints the whole usage text; one line is easier to act on.
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def flag_parser(*types, prog: str | None = None) -> HfArgumentParser:
+    """The parser of these argument dataclasses' flags; errors are one line and exit status 2."""
+    return _Parser(types, prog=prog)
+
+
+def model_label(model_args) -> str:
+    """The model as reports name it: the checkpoint's name (its last path part), else the model type trained from scratch."""
+    checkpoint = (model_args.model_name_or_path or "").rstrip("/")
+    return os.path.basename(checkpoint) or checkpoint or model_args.model_type or "unknown"
+
+
+def dataset_label(data_args) -> str:
+    """The hub dataset (with its configuration) or the local files the run reads."""
+    if data_args.dataset_name:
+        config = data_args.dataset_config_name
+        return f"{data_args.dataset_name} ({config})" if config else data_args.dataset_name
+    files = [data_args.train_file, data_args.validation_file]
+    return ", ".join(f for f in files if f) or "unknown"
+
+
+def note_run(training_args, model_args, data_args, command: Command) -> None:
+    """Note on ``training_args`` what the run is: its model, data and command (hub tokens masked)."""
+    training_args.run_model = model_label(model_args)
+    training_args.run_dataset = dataset_label(data_args)
+    # Masked by the values the parser found, however they were spelled (utils/flags/secrets.py).
+    secrets = secret_values(model_args, training_args)
+    training_args.run_command = [command.name, *mask_command(command.flags(), secrets)]
+    training_args.run_fingerprint = command.fingerprint()
+
+
+def parse_args(*task_dataclasses, command: Command | None = None):
+    """Parse ModelArguments, DataArguments, the task's own dataclasses and LMTrainingArguments, once.
+
+    ``command``: this process's command line unless given. A single ``.json`` argument is read as a
+    file of flags, as in the Hugging Face examples. The device is chosen here, between reading the
+    flags and building TrainingArguments, because building them already starts the process group.
+    Every dataclass checks its flags as it is built. Returns the instances in order.
+    """
+    command = command or Command.of_process()
+    parser = flag_parser(ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments, prog=command.name)
+    values = command.flag_file_values() if command.flag_file else vars(parser.parse_args(command.args))
+    device = setup_device(use_cpu=bool(values.get("use_cpu")))
+    for name, value in training_defaults(device).items():
+        if values.get(name) is None or name == "use_cpu":
+            values[name] = value
+    try:
+        parsed = parser.parse_dict(values)
+    except (ValueError, TypeError) as err:
+        # TrainingArguments validates flag combinations in __post_init__ with ValueError.
+        raise UsageError(" ".join(str(err).split())) from None
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
+    check_placement(training_args, device)
+    note_run(training_args, model_args, data_args, command)
+    return parsed

@@ -1,0 +1,55 @@
+"""What every script does between parsing its flags and its recipe: logging, one process per device, seeds.
+
+(How the script's end becomes its exit status is ``utils.cli.run_cli``.)
+"""
+
+import logging
+import sys
+
+import datasets
+import transformers
+
+from utils.cli import Command
+from utils.launch.auto_ddp import run_on_all_devices
+from utils.launch.cpu import keep_freed_memory, log_precision_hint
+from utils.launch.device import describe_device
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default log_level is "passive"; like the Hugging Face examples, show info then.
+        transformers.utils.logging.set_verbosity_info()
+    level = training_args.get_process_log_level()
+    logging.getLogger("utils").setLevel(level)
+    logging.getLogger("__main__").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def start_run(training_args) -> None:
+    """What happens between parsing and the recipe: logging, one process per device, seeds, CPU set-up.
+
+    A plain ``python run_*.py`` that sees several GPUs or NPUs does not return from here: it is
+    replaced by one process per device under torchrun (``utils/launch/auto_ddp.py``), each of which
+    parses its flags and comes here again.
+    """
+    setup_logging(training_args)
+    device = training_args.device.type
+    run_on_all_devices(device, Command.of_process())
+    transformers.set_seed(training_args.seed)  # Python, NumPy, torch and every device, before the model is built
+    if training_args.process_index == 0:
+        logger.info("Device: %s", describe_device(device))
+    if device == "cpu":
+        if keep_freed_memory():  # before the model and its buffers are allocated: see utils/launch/cpu.py
+            logger.info("Allocator: freed memory is kept for reuse (set LM_KEEP_FREED_MEMORY=0 to turn it off)")
+        if training_args.process_index == 0:
+            log_precision_hint(training_args)

@@ -1,0 +1,140 @@
+"""The output layer and the cross-entropy a chunk of tokens at a time (``--loss_chunk_size``).
+
+A language model's last layer turns every token's hidden state into one score per vocabulary
+entry: ``[tokens, vocabulary]`` floats (for GPT-2 at batch 8 and block 1024, 1.6 GB in fp32),
+kept for the backward pass with a gradient of the same size. The loss needs only one number per
+token and the accuracy one argmax. Here the scores of ``chunk`` tokens at a time are computed,
+reduced to their loss (and, in evaluation, their argmax), and turned at once into their share
+of the gradients of the hidden states and of the layer's weight and bias; the next chunk reuses
+the memory. The sum runs
+in another order than one cross-entropy over all tokens, so losses can differ in the last bits
+of fp32: opt-in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from utils.errors import UsageError
+from utils.model.metrics import IGNORE_INDEX
+
+
+def _loss_and_gradients(hidden, weight, bias, targets, chunk: int, wants: tuple[bool, bool, bool]):
+    """Summed cross-entropy and the gradients of the sum asked for by ``wants`` (else None); the argmax
+    ids when no gradient is asked for (evaluation), else None: a pass over the scores training does not need."""
+    # The hidden states' gradient is written chunk by chunk, row for row; the others are sums over chunks.
+    grads = [None if t is None or not want else
+             torch.empty(t.shape, dtype=torch.float32, device=t.device) if t is hidden else
+             torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+             for t, want in zip((hidden, weight, bias), wants)]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    training = any(wants)
+    predictions = None if training else torch.empty(targets.shape, dtype=torch.long, device=hidden.device)
+    compute_dtype = weight.dtype
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        inputs = hidden[rows].to(compute_dtype)
+        scores = torch.nn.functional.linear(inputs, weight, bias).float()
+        labels = targets[rows]
+        scored = labels != IGNORE_INDEX
+        picked = labels.clamp_min(0).unsqueeze(1)
+        scores = torch.log_softmax(scores, dim=-1)  # one fused pass; the scores are not needed after it
+        total -= (scores.gather(1, picked).squeeze(1) * scored).sum()
+        if not training:
+            predictions[rows] = scores.argmax(-1)  # the argmax of the scores
+            continue
+        # d(loss)/d(scores) = softmax - one-hot of the label. Rows with nothing to predict get none:
+        # they are masked in the [chunk, width] factors, not in the [chunk, vocabulary] scores
+        # (a pass over all of them, or an index of them and a device sync).
+        scores.exp_()
+        scores.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=scores.dtype))
+        grad_scores = scores.to(compute_dtype)
+        mask = scored.unsqueeze(1).to(compute_dtype)
+        if grads[0] is not None:
+            grads[0][rows] = (grad_scores @ weight) * mask
+        if grads[1] is not None:
+            grads[1] += (grad_scores.T @ (inputs * mask)).float()
+        if grads[2] is not None:
+            grads[2] += scored.to(scores.dtype) @ scores
+    return total, predictions, grads
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``.
+
+    The gradients are computed in the forward pass, chunk by chunk, while each chunk's scores are
+    at hand; the backward pass only scales them by the incoming gradient of the summed loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        total, _, grads = _loss_and_gradients(hidden, weight, bias, targets, chunk, tuple(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.has = [g is not None for g in grads]
+        ctx.dtypes = [t.dtype if t is not None else None for t in (hidden, weight, bias)]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [(g * grad_total).to(dtype) if has else None
+                 for g, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes)]
+        return *grads, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(summed loss, argmax ids)`` of the scores ``hidden @ weight.T + bias``, ``chunk`` rows at a time.
+
+    ``hidden`` is ``[..., width]`` and ``targets`` the matching ``[...]`` ids, IGNORE_INDEX where
+    nothing is predicted. Under ``torch.no_grad()`` (evaluation) the argmax ids come too, in the
+    shape of ``targets``; with gradients (training) they are None.
+    """
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if torch.is_grad_enabled():
+        return _LinearCrossEntropy.apply(flat_hidden, weight, bias, flat_targets, chunk), None
+    total, predictions, _ = _loss_and_gradients(flat_hidden, weight, bias, flat_targets, chunk, (False,) * 3)
+    return total, predictions.view(targets.shape)
+
+
+@contextlib.contextmanager
+def hidden_states_out(head: torch.nn.Module):
+    """Let the output layer ``head`` pass its input through, so the model returns hidden states as logits."""
+    head.forward = lambda hidden, *args, **kwargs: hidden
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+class ChunkedLoss:
+    """The Trainer's ``compute_loss_func`` for ``--loss_chunk_size``: the model's loss, from its hidden states.
+
+    It gives what the model's own loss gives: the summed cross-entropy over ``num_items_in_batch``
+    (the labelled tokens of the whole accumulated batch) when the Trainer passes it, else the mean
+    over this batch's labelled tokens; ``shift`` for causal LMs, whose position i predicts token
+    i + 1. The outputs' logits are replaced by the argmax ids, all the accuracy needs.
+    """
+
+    def __init__(self, head: torch.nn.Module, chunk: int, shift: bool):
+        self.head, self.chunk, self.shift = head, chunk, shift
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if self.shift else labels
+        total, predictions = linear_cross_entropy(outputs.logits, self.head.weight, self.head.bias, targets,
+                                                  self.chunk)
+        outputs.logits = predictions  # None in training, where the Trainer does not read them
+        count = num_items_in_batch if num_items_in_batch is not None else targets.ne(IGNORE_INDEX).sum()
+        return total / count
+
+
+def check_chunked_loss(args, model) -> None:
+    """Once the model and DDP's settings are known: refuse where the chunked loss would not be the model's loss."""
+    flag = f"--loss_chunk_size {args.loss_chunk_size}"
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        raise UsageError(f"{flag}: {type(model).__name__}'s output layer is not a plain linear layer; leave it at 0")
+    if args.world_size > 1 and args.ddp_find_unused_parameters:
+        # DDP would count the output layer as unused (it is not reached from the model's outputs).
+        raise UsageError(f"{flag} does not work with DDP's find_unused_parameters, which this model needs "
+                         f"({type(model).__name__}): leave it at 0 for multi-process runs")

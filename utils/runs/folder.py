@@ -1,0 +1,249 @@
+"""--output_dir as one run holds it: its files' names, its lock, its record, and what this start does there.
+
+``RunFolder.claim(training_args)`` is called once by every recipe and the ``RunFolder`` it returns
+is passed on (to ``train_and_evaluate``): no other module decides about the folder.
+
+* **The lock.** The process that writes (global rank 0) holds an exclusive ``flock`` on the
+  folder itself from the claim until it exits. The kernel drops it when the process ends, however
+  it ends (a SIGKILL too), so a crashed run never leaves a stale lock: the next run simply gets
+  it. A second run into a locked folder stops with one line.
+* **The run's record**, ``OUTPUT_DIR/run_state.json``: a random id, new whenever a run starts
+  from step 0; a fingerprint of the command that last ran it (``utils.cli.Command``); and its
+  stage, ``training``, ``trained`` (final model and train results written, evaluation not done) or
+  ``finished``. Checkpoints carry the id (utils/runs/checkpoints.py), so that a resume never takes
+  a checkpoint of an earlier run left in the same folder.
+* **What a start decides**: the same command as a finished run is a no-op (``NothingToDo``); as a
+  trained one it only evaluates; as an unfinished one it resumes, with or without
+  ``--overwrite_output_dir`` (a preempted ``--overwrite_output_dir`` command resumes when run
+  again). Another command resumes an unfinished run, starts over with ``--overwrite_output_dir``,
+  and is refused in a finished run's folder without it.
+
+Used as a context manager (``with RunFolder.claim(args) as run:``), a start refused with a
+``UsageError`` lets the lock go and removes the folder if the claim made it and it is still empty.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass
+
+from utils.errors import NothingToDo, UsageError
+from utils.files import read_json, write_json
+from utils.runs.checkpoints import (LEFTOVER, checkpoint_dirs, clear_checkpoints, given_checkpoint,
+                                    newest_complete_checkpoint, read_marker)
+from utils.runs.resume_check import check_resumable
+
+logger = logging.getLogger(__name__)
+
+# The files a run writes into --output_dir besides the model and its checkpoints.
+RUN_STATE = "run_state.json"
+RUN_INFO = "run_info.json"
+ALL_RESULTS = "all_results.json"
+MODEL_CARD = "README.md"
+SHARDING = "sharding.json"
+# What a run leaves in --output_dir that is not a result to protect: the launchers' logs, the
+# run_info.json written at every start, our own staging folders cut off by a kill, the run's
+# record, and TensorBoard's runs/ of a run killed before its first checkpoint.
+NOT_RESULTS = re.compile(rf"train(_node\d+)?\.log|{re.escape(RUN_INFO)}|{LEFTOVER.pattern}"
+                         rf"|{re.escape(RUN_STATE)}(\.tmp)?|runs")
+
+TRAINING, TRAINED, FINISHED = "training", "trained", "finished"
+
+
+@dataclass
+class RunState:
+    run_id: str
+    command: str
+    stage: str = TRAINING
+
+
+def read_run_state(output_dir: str) -> RunState | None:
+    try:
+        data = read_json(os.path.join(output_dir, RUN_STATE))
+        return None if data is None else RunState(str(data["run_id"]), str(data["command"]), str(data["stage"]))
+    except (UsageError, OSError, KeyError, TypeError):
+        logger.warning("Ignoring %s: it cannot be read", os.path.join(output_dir, RUN_STATE))
+        return None
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A folder we can write into, or one we can create; checked without creating anything."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output_dir {output_dir} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir}: {existing} is not writable")
+
+
+class RunFolder:
+    """This process's claim on --output_dir (see the module doc)."""
+
+    def __init__(self, output_dir: str, writes: bool):
+        self.output_dir = output_dir
+        self.writes = writes  # the process that writes the folder (global rank 0)
+        self.state: RunState | None = None
+        self.start_over = False  # step 0, whatever checkpoints the folder holds (they are cleared)
+        self.records = False  # this start writes the run's record
+        self.recorded = True  # the folder had a record; without one (copied checkpoints) any checkpoint counts
+        self.checkpoint: str | None = None  # what training resumes from
+        self.resume_given = False  # the checkpoint came from --resume_from_checkpoint
+        self._lock_fd: int | None = None
+        self._created = False
+
+    # ------------------------------------------------------------------ the claim
+
+    @classmethod
+    def claim(cls, training_args) -> RunFolder:
+        """Lock --output_dir (the writing process first) and decide how this run starts in it.
+
+        Nothing is written yet: every process comes to the same decision, and ``begin`` records
+        it once the inputs are known to be good.
+        """
+        check_output_dir(training_args.output_dir)
+        folder = cls(training_args.output_dir, writes=training_args.should_save)
+        with training_args.main_process_first(local=False, desc="claiming --output_dir"):
+            if folder.writes:
+                folder._lock()
+            try:
+                folder._decide(training_args)
+            except BaseException:
+                folder.release(refused=True)
+                raise
+        return folder
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.release(refused=kind is not None and issubclass(kind, UsageError))
+
+    def _decide(self, args) -> None:
+        command = args.run_fingerprint
+        on_disk = read_run_state(self.output_dir) if os.path.isdir(self.output_dir) else None
+        same = on_disk is not None and on_disk.command == command
+        if on_disk is not None and on_disk.stage != TRAINING:
+            if same and on_disk.stage == FINISHED:
+                raise NothingToDo(
+                    f"nothing to do: {self.output_dir} holds the finished run of this same command, left as it is "
+                    "(delete the folder or choose another --output_dir to run it again)")
+            if not same and not args.overwrite_output_dir:
+                raise UsageError(
+                    f"--output_dir {self.output_dir} holds a finished run of another command, whose model and "
+                    "results this run would replace; choose another --output_dir, or add --overwrite_output_dir to "
+                    "replace them")
+        self.start_over = args.overwrite_output_dir and not same
+        if on_disk is None or self.start_over:
+            self.state = RunState(uuid.uuid4().hex[:12], command)
+        else:
+            self.state = RunState(on_disk.run_id, command, on_disk.stage)  # the run goes on under this command
+        # An evaluation-only run keeps the record of a training run it evaluates into (with
+        # --overwrite_output_dir over a finished one): it must not mark that run finished.
+        self.records = self.writes and (args.do_train or self.start_over or on_disk is None)
+        self.recorded = on_disk is not None
+        self.resume_given = bool(args.resume_from_checkpoint)
+        self.checkpoint = self._resume_point(args)
+
+    def _resume_point(self, args) -> str | None:
+        if not args.do_train or self.training_done:
+            return None  # evaluation only, or training done before (utils.train.steps.train_and_save)
+        if args.resume_from_checkpoint:
+            return given_checkpoint(args.resume_from_checkpoint)
+        if self.start_over or not os.path.isdir(self.output_dir):
+            return None
+        last = newest_complete_checkpoint(self.output_dir, run_id=self.state.run_id if self.recorded else None)
+        if last is not None:
+            # A folder without a record (checkpoints copied in, an older version): go on as that run.
+            if not self.recorded:
+                self.state.run_id = read_marker(last).get("run_id") or self.state.run_id
+            logger.info("Resuming from %s (%s)", last, "the same command as the run there"
+                        if args.overwrite_output_dir else "add --overwrite_output_dir to start over")
+            return last
+        if args.overwrite_output_dir:
+            self.start_over = True  # nothing of this run to resume: start over, as asked
+            return None
+        if [name for name in os.listdir(self.output_dir) if not NOT_RESULTS.fullmatch(name)]:
+            incomplete = [path for _, path in checkpoint_dirs(self.output_dir)]
+            hint = (f" (its {', '.join(map(os.path.basename, incomplete))} is incomplete: pass "
+                    f"--resume_from_checkpoint {incomplete[0]} to use it anyway)") if incomplete else ""
+            raise UsageError(
+                f"--output_dir {self.output_dir} is not empty and holds no checkpoint to resume from{hint}; "
+                "choose another folder, or add --overwrite_output_dir to train over it"
+            )
+        return None
+
+    def check_resumable(self, model) -> None:
+        """The checkpoint to resume from is one this model can load (utils/runs/resume_check.py)."""
+        check_resumable(self.checkpoint, model, given=self.resume_given)
+
+    # ------------------------------------------------------------------ the record
+
+    @property
+    def run_id(self) -> str | None:
+        return self.state.run_id if self.state is not None else None
+
+    @property
+    def training_done(self) -> bool:
+        """This run's final model is written (a rerun after a stop during its evaluation)."""
+        return not self.start_over and self.state is not None and self.state.stage in (TRAINED, FINISHED)
+
+    def begin(self) -> None:
+        """Before the first step: record the run; starting over, then clear the old run's checkpoints.
+
+        The new run's id is on disk first, so a kill during the clearing leaves old checkpoints that
+        no longer count, never a mix of two runs.
+        """
+        self._write()
+        if self.records and self.start_over:
+            clear_checkpoints(self.output_dir)
+
+    def mark(self, stage: str) -> None:
+        """Record the run's progress (TRAINED, FINISHED)."""
+        self.state.stage = stage
+        self._write()
+
+    def _write(self) -> None:
+        if self.records:
+            write_json(os.path.join(self.output_dir, RUN_STATE), asdict(self.state))
+
+    # ------------------------------------------------------------------ the lock
+
+    def _lock(self) -> None:
+        if not os.path.isdir(self.output_dir):
+            os.makedirs(self.output_dir)
+            self._created = True
+        fd = os.open(self.output_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                self.release(refused=True)
+                raise UsageError(
+                    f"--output_dir {self.output_dir} is in use by another run (it holds the folder's lock); wait for "
+                    "it to end, or choose another --output_dir") from None
+            # Some network file systems cannot lock folders: go on, as before there was a lock.
+            logger.warning("Cannot lock --output_dir %s (%s); make sure no other run writes into it",
+                           self.output_dir, err.strerror)
+            return
+        self._lock_fd = fd
+
+    def release(self, refused: bool = False) -> None:
+        """Let the lock go; after a refused start, also remove the folder if the claim made it and it is empty."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if refused and self._created:
+            self._created = False
+            try:
+                os.rmdir(self.output_dir)
+            except OSError:
+                pass  # something is in it now: leave it

@@ -1,0 +1,90 @@
+"""Can this model resume from that checkpoint? Checked before training starts.
+
+Without this check the Trainer finds out while loading, with a traceback: a folder that holds
+no checkpoint ("Can't find a valid checkpoint"), or weights of a model of another size (a
+state-dict size mismatch), e.g. when the command's --config_overrides changed since the
+checkpoint was written. Only the headers of the weight files are read, not the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from utils.errors import UsageError
+
+TRAINER_STATE = "trainer_state.json"
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def check_resumable(checkpoint: str | None, model, given: bool) -> None:
+    """Raise UsageError unless ``checkpoint`` (if any) is a Trainer checkpoint of a model shaped like ``model``.
+
+    ``given``: it came from --resume_from_checkpoint (else resuming found it in --output_dir).
+    Called before the Trainer exists, which already creates --output_dir.
+    """
+    if checkpoint is None:
+        return
+    where = f"--resume_from_checkpoint {checkpoint}" if given else \
+        f"{checkpoint} (the newest checkpoint in --output_dir, which resuming takes)"
+    weights = weight_files(checkpoint)
+    if not weights or not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
+        raise UsageError(f"{where} is not a checkpoint of a training run (it needs model weights and "
+                         f"{TRAINER_STATE}); give a checkpoint-N folder that a training run wrote")
+    try:
+        shapes = stored_shapes(weights)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise UsageError(f"{where} is damaged: its weights cannot be read ({' '.join(str(err).split())[:200]}); "
+                         "resume from an earlier checkpoint") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    common = [name for name in shapes if name in expected]
+    restart = "" if given else ", or add --overwrite_output_dir to start over"
+    if not common:
+        raise UsageError(f"{where} holds weights of another kind of model (no weight names in common with the "
+                         f"{model.config.model_type} built here); use the model flags of the run that wrote it{restart}")
+    for name in common:
+        if shapes[name] != expected[name]:
+            raise UsageError(
+                f"{where} holds a model of another size ({name} is {_shape(shapes[name])} there, "
+                f"{_shape(expected[name])} here); use the model flags (--config_overrides, --model_type, "
+                f"--config_name) of the run that wrote it{restart}"
+            )
+
+
+def weight_files(folder: str) -> list[str]:
+    """The files holding the model's weights, in the first layout found (sharded or not)."""
+    for index in (SAFETENSORS_INDEX, TORCH_WEIGHTS_INDEX):
+        path = os.path.join(folder, index)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError):
+                return []
+            return [os.path.join(folder, shard) for shard in shards]
+    for name in (SAFETENSORS, TORCH_WEIGHTS):
+        if os.path.isfile(os.path.join(folder, name)):
+            return [os.path.join(folder, name)]
+    return []
+
+
+def stored_shapes(files: list[str]) -> dict[str, tuple]:
+    """``{tensor name: shape}`` of the weight files, from their headers where the format allows."""
+    shapes = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        else:  # a torch pickle: memory-mapped, so the tensors' data is not read
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            shapes.update({name: tuple(tensor.shape) for name, tensor in state.items()})
+    return shapes
+
+
+def _shape(shape: tuple) -> str:
+    return "x".join(map(str, shape)) or "a scalar"

@@ -1,0 +1,100 @@
+"""A recipe's last step: train, save, evaluate, and write the results files, doing only what is left."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from utils.data.prepare import num_samples
+from utils.files import read_json
+from utils.model.metrics import TokenAccuracy, perplexity
+from utils.report.results import write_model_card
+from utils.report.run_info import write_run_info
+from utils.runs.folder import FINISHED, TRAINED, RunFolder
+from utils.train.checkpointing import save_model_atomically
+from utils.train.failures import run_guard
+from utils.train.stops import stop_after_training, stop_reason
+from utils.train.trainer import LMTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def train_and_evaluate(model, tokenizer, training_args, samples: dict, run: RunFolder, *, collator,
+                       accuracy: TokenAccuracy, tokens_per_sample: float | None) -> LMTrainer:
+    """An LMTrainer on the prepared samples, then --do_train and --do_eval; the run is then finished.
+
+    What the objective decides is given: the collator, the accuracy and the mean tokens in a
+    training sample. ``run`` (the claimed --output_dir) says what is left to do there.
+    """
+    trainer = LMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=samples.get("train"),
+        eval_dataset=samples.get("eval"),
+        processing_class=tokenizer,
+        data_collator=collator,
+        accuracy=accuracy,
+        tokens_per_sample=tokens_per_sample,
+        run=run,
+    )
+    if training_args.do_train:
+        train_and_save(trainer, num_samples(samples["train"]))
+    if training_args.do_eval:
+        evaluate_and_save(trainer, num_samples(samples["eval"]))
+    run.mark(FINISHED)
+    return trainer
+
+
+def train_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
+    """Train (resuming where the run folder says), save the model, and write train_results.json."""
+    run = trainer.run
+    if run is not None and run.training_done:
+        return _trained_before(trainer)
+    if run is not None:
+        run.begin()  # the run's record in --output_dir; starting over, the old checkpoints go
+    with run_guard(trainer):  # unreadable streamed data, a full disk: one line, not a traceback
+        result = trainer.train(resume_from_checkpoint=run.checkpoint if run is not None else None)
+    stopped = stop_reason(trainer)  # preempted, or a non-finite loss: the checkpoints hold the work
+    if stopped is not None:
+        raise stopped  # no final model or results that would look like a finished run
+    with run_guard(trainer):
+        save_model_atomically(trainer)  # the tokenizer and config are saved with it
+    metrics = dict(result.metrics)
+    if n_samples is not None:
+        metrics["train_samples"] = n_samples
+    metrics.update(trainer.speed.metrics(trainer.args, trainer.model))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_model_card(trainer.args.output_dir)
+    if run is not None:
+        run.mark(TRAINED)
+    stop_after_training(trainer)
+    return metrics
+
+
+def evaluate_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
+    """Evaluate and write eval_results.json with loss, perplexity and accuracy."""
+    stop_after_training(trainer)
+    with run_guard(trainer):
+        metrics = trainer.evaluate()
+    # The Hugging Face examples report perplexity without the eval_ prefix.
+    metrics["perplexity"] = metrics.pop("eval_perplexity", perplexity(metrics["eval_loss"]))
+    if n_samples is not None:
+        metrics["eval_samples"] = n_samples
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():
+        # An evaluation-only run started no training to write it.
+        write_run_info(trainer.args.output_dir, trainer.describe_run(), overwrite=False)
+        write_model_card(trainer.args.output_dir)  # now with the evaluation metrics too
+    return metrics
+
+
+def _trained_before(trainer: LMTrainer) -> dict:
+    """A rerun whose training was done before: load that final model (to evaluate it) and its results."""
+    output_dir = trainer.args.output_dir
+    logger.info("Training is done in %s: loading its final model, evaluating only", output_dir)
+    trainer._load_from_checkpoint(output_dir)
+    return read_json(os.path.join(output_dir, "train_results.json"))

@@ -1,0 +1,162 @@
+"""The Trainer the three scripts share: every change to transformers' Trainer is in ``LMTrainer``."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import Trainer
+
+from utils.amp.config import precision_report
+from utils.launch.ddp import set_find_unused_parameters
+from utils.launch.device import device_name
+from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
+from utils.model.loss import weigh_loss_by_num_items
+from utils.model.metrics import TokenAccuracy, perplexity
+from utils.report.run_info import ReportCallback, run_info
+from utils.report.speed import SpeedCallback
+from utils.runs.folder import RunFolder
+from utils.train.checkpointing import save_checkpoint
+from utils.train.precision import MixedPrecision
+from utils.train.sharding import setup_sharding
+from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_in_own_group
+
+
+class LMTrainer(Trainer):
+    """transformers' Trainer with the suite's mixed precision, checkpoints, stops, speed and metrics.
+
+    Each Trainer method changed here does one thing and hands it to the module that answers it:
+
+    ==============================  ===========================================  ==============================
+    Trainer method                  what changes                                 answered by
+    ==============================  ===========================================  ==============================
+    ``__init__``                    DDP's unused-parameter probe; the callbacks  utils/launch/ddp.py, below
+    ``create_optimizer``            mixed precision wraps the optimizer          utils/train/precision.py
+    ``accelerator.backward``        (replaced) the fp16 loss scale, our all-     utils/train/precision.py
+                                    reduce of flat buffers under DDP
+    ``autocast_smart_context_...``  the O-level's forward context                utils/train/precision.py
+    ``_clip_grad_norm``,            unscaled master grads                        utils/train/precision.py
+    ``_get_grad_norm``
+    ``_save``                       fp32 weights from the masters                utils/train/precision.py
+    ``compute_loss``                ``--loss_chunk_size``                        utils/model/chunked_loss.py
+    ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
+    ``evaluation_loop``             streaming accuracy, perplexity               utils/model/metrics.py
+    ``get_train_dataloader``,       loader workers out of the process group      utils/train/stops.py
+    ``get_eval_dataloader``
+    ``_get_output_dir``,            complete-or-absent checkpoints               utils/train/checkpointing.py
+    ``_save_checkpoint``
+    ==============================  ===========================================  ==============================
+
+    Callbacks every run gets: ``ReportCallback`` (run_info.json, utils/report/run_info.py),
+    ``SpeedCallback`` (FPS, tokens/s, MFU, utils/report/speed.py), ``PreemptionCallback`` and
+    ``NonFiniteLossCallback`` (utils/train/stops.py); with fp16, ``ScaleFloorCallback``
+    (utils/train/precision.py); with --fsdp, ``ShardingReport`` (utils/train/sharding.py).
+
+    Accuracy is counted batch by batch (``batch_eval_metrics``) from argmax predictions, so no
+    logits are collected and evaluation memory does not grow with the evaluation set.
+    ``run``: the claimed --output_dir (utils/runs/folder.py), whose id every checkpoint carries.
+    """
+
+    def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None,
+                 run: RunFolder | None = None, **kwargs):
+        training_args = kwargs["args"]
+        training_args.batch_eval_metrics = True
+        training_args.prediction_loss_only = False
+        set_find_unused_parameters(training_args, kwargs.get("model"), kwargs.get("data_collator"),
+                                   kwargs.get("train_dataset"))  # before the Trainer sets up DDP
+        if training_args.device.type == "cpu":
+            # Pinned memory only speeds up copies to an accelerator; on the CPU torch just warns.
+            training_args.dataloader_pin_memory = False
+        super().__init__(*args, compute_metrics=accuracy, preprocess_logits_for_metrics=accuracy.preprocess_logits,
+                         **kwargs)
+        self.accuracy = accuracy
+        self.run = run
+        self.checkpoint_staging: str | None = None  # set while a checkpoint is written (utils/train/checkpointing.py)
+        config = self.args.amp_config  # None: plain fp32, the Trainer's own precision handling
+        self.precision = MixedPrecision(self, config) if config is not None else None
+        if self.args.loss_chunk_size:
+            check_chunked_loss(self.args, self.model)
+            self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
+                                                 shift=accuracy.shift)
+        if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
+            weigh_loss_by_num_items(self.model)
+        # tokens_per_sample: mean tokens in a training sample (the block size when packed), for tokens/s and MFU.
+        self.speed = SpeedCallback(self.args.fps_warmup_steps, tokens_per_sample, device_name(self.args.device.type))
+        scaler_skips = self.precision is not None and self.precision.config.skips_overflowing_steps
+        for callback in (ReportCallback(self.describe_run), self.speed, PreemptionCallback(),
+                         NonFiniteLossCallback(self.args.on_nonfinite_loss, scaler_skips=scaler_skips)):
+            self.add_callback(callback)
+        setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds
+
+    def describe_run(self) -> dict:
+        """run_info.json: the setup as this trainer runs it (utils/report/run_info.py)."""
+        return run_info(self.args, self.precision.report() if self.precision else precision_report(None))
+
+    # ---------------------------------------------------------------- mixed precision
+
+    def create_optimizer(self, model=None):
+        if self.precision is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        self.optimizer = self.precision.create_optimizer(self.model if model is None else model)
+        return self.optimizer
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        # Used for the training forward and in prediction_step: evaluation runs in the training precision.
+        context = self.precision.autocast() if self.precision is not None else None
+        return context if context is not None else super().autocast_smart_context_manager(cache_enabled)
+
+    def _clip_grad_norm(self, model):
+        if self.precision is None:
+            return super()._clip_grad_norm(model)
+        return self.precision.clip_grad_norm(self.args.max_grad_norm)  # unscaled master grads; inf on overflow
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.precision is not None and grad_norm is None:
+            grad_norm = self.precision.clip_grad_norm(math.inf)  # the norm only (no --max_grad_norm)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.precision is None or state_dict is not None:
+            return super()._save(output_dir, state_dict)
+        super()._save(output_dir, self.precision.weights_to_save())
+        if self.args.should_save:
+            # save_pretrained wrote the model's own dtype (half under O2/O3) into config.json.
+            self.model.config.dtype = str(self.precision.weights_dtype).removeprefix("torch.")
+            self.model.config.save_pretrained(output_dir or self.args.output_dir)
+
+    # ---------------------------------------------------------------- loss, logs, evaluation
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not isinstance(self.compute_loss_func, ChunkedLoss):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # tokens/s (and the fp16 loss scale) beside loss and lr, for the progress bar and TensorBoard
+            logs.update(self.speed.since_last_log(self.args))
+            if self.precision is not None:
+                logs.update(self.precision.logs())
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        self.accuracy.reset()  # an interrupted earlier evaluation must not leak its counts
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+        return output
+
+    # ---------------------------------------------------------------- loaders and checkpoints
+
+    def get_train_dataloader(self):
+        return workers_in_own_group(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return workers_in_own_group(super().get_eval_dataloader(eval_dataset))
+
+    def _get_output_dir(self, trial) -> str:
+        return self.checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        save_checkpoint(self, lambda: super(LMTrainer, self)._save_checkpoint(model, trial),
+                        self._get_output_dir(trial))
