@@ -1,4 +1,4 @@
-"""Mixed-precision O-levels, loss scaling and combined gradients (utils.amp, utils.combine_grad).
+"""Mixed-precision O-levels, loss scaling and combined gradients (utils.amp.optimizer, utils.amp.combine_grad).
 
 A tiny GPT-2 (2 layers, width 64, vocab 256, dropout off) trains on four fixed batches
 of a learnable token pattern with a hand-written loop; every run is deterministic.
@@ -17,15 +17,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from utils.amp import (
-    AmpConfig,
-    LossScaler,
-    MixedPrecisionOptimizer,
-    autocast_context,
-    fp32_state_dict,
-    parse_loss_scale,
-    prepare_model,
-)
+from utils.amp.casting import autocast_context, prepare_model
+from utils.amp.config import AmpConfig, parse_loss_scale
+from utils.amp.optimizer import MixedPrecisionOptimizer
+from utils.amp.scaler import LossScaler
+from utils.amp.weights import fp32_state_dict
+from utils.errors import UsageError
 
 FP16, BF16 = torch.float16, torch.bfloat16
 VOCAB, SEQ, BATCH = 256, 16, 4
@@ -115,20 +112,23 @@ def test_parse_loss_scale_accepts_dynamic_and_positive_numbers():
 
 @pytest.mark.parametrize("text", ["0", "-1", "abc", "inf", "nan", ""])
 def test_parse_loss_scale_rejects_bad_input(text):
-    with pytest.raises(ValueError, match="loss scale must be 'dynamic' or a positive number"):
+    with pytest.raises(UsageError, match="--loss_scale: loss scale must be 'dynamic' or a positive number"):
         parse_loss_scale(text)
 
 
-def test_amp_config_validates():
-    with pytest.raises(ValueError, match="opt_level"):
+def test_amp_config_validates_naming_the_flags():
+    with pytest.raises(UsageError, match="--fp16_opt_level O4: choose one of O0, O1, O2, O3"):
         AmpConfig("O4", FP16)
-    with pytest.raises(ValueError, match="needs fp16 or bf16"):
+    with pytest.raises(UsageError, match="--fp16_opt_level O2 needs --fp16 or --bf16"):
         AmpConfig("O2", None)
-    with pytest.raises(ValueError, match="at most one"):
-        AmpConfig.from_flags("O1", fp16=True, bf16=True)
-    cfg = AmpConfig.from_flags("O2", fp16=False, bf16=True, loss_scale="64")
+    with pytest.raises(UsageError, match="--fp16 and --bf16 exclude each other"):
+        AmpConfig.from_flags(opt_level="O1", fp16=True, bf16=True)
+    cfg = AmpConfig.from_flags(opt_level="O2", fp16=False, bf16=True, loss_scale="64")
     assert (cfg.half_dtype, cfg.loss_scale, cfg.uses_loss_scaling) == (BF16, 64.0, False)
-    assert AmpConfig.from_flags("O1", fp16=True, bf16=False).uses_loss_scaling
+    assert AmpConfig.from_flags(opt_level="O1", fp16=True, bf16=False).uses_loss_scaling
+    # The default level lives here, once: --fp16 alone is O1; no half flag is no mixed precision at all.
+    assert AmpConfig.from_flags(fp16=True, bf16=False).opt_level == "O1"
+    assert AmpConfig.from_flags(fp16=False, bf16=False, opt_level="O0") is None
 
 
 def dtypes(model: torch.nn.Module, norms: bool | None = None) -> set[torch.dtype]:
@@ -170,10 +170,13 @@ def test_opt_level_trains_like_fp32(level, half, fp32_losses):
     model, optimizer = build(cfg)
     losses = train(model, optimizer, cfg, range(STEPS))[0]
     assert all(math.isfinite(loss) for loss in losses)
-    # Tolerance: the mean loss over the last pass through the 4 batches within 5% of fp32's
-    # (measured: O1/O2 < 0.02%, O3 < 1.1%); the loss itself falls by ~29%.
+    # The mean loss over the last pass through the 4 batches, relative to fp32's (the loss itself
+    # falls by ~29%). Measured: fp16 O1 6.3e-6, O2 1.0e-5, O3 7.2e-3; bf16 O1 7.6e-5, O2 1.0e-4,
+    # O3 1.06e-2. Tolerances are those with a margin of about 3x (O3 keeps no fp32 copy: 2x).
+    tolerance = {"O1": 3e-4, "O2": 3e-4, "O3": 2.5e-2}[level] if half == BF16 else \
+        {"O1": 3e-5, "O2": 3e-5, "O3": 2e-2}[level]
     final, reference = sum(losses[-4:]), sum(fp32_losses[-4:])
-    assert abs(final - reference) / reference < 0.05
+    assert abs(final - reference) / reference < tolerance
     assert optimizer.scaler.skipped_steps == 0
 
 

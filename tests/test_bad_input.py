@@ -527,8 +527,14 @@ def outcomes(tmp_path_factory, text_files, offline_hub):
         results.pool.shutdown(cancel_futures=True)
 
 
-def test_the_catalogue_is_large_enough():
-    assert len(CASES) >= 25
+@pytest.mark.parametrize("name", ["mlm_probability_out_of_range", "plm_probability_out_of_range",
+                                  "odd_max_seq_length_for_plm"])
+def test_task_flags_are_refused_while_parsing_before_the_run_starts(name, outcomes):
+    # Refused by the task's dataclass as it is built: before start_run, which logs the device and,
+    # on a machine with several GPUs, would restart the script under torchrun first.
+    _, process, _, _ = outcomes[name]
+    assert process.returncode == 2
+    assert "Device:" not in process.stdout + process.stderr
 
 
 @pytest.mark.parametrize("name", list(CASES))
