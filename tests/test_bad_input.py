@@ -344,6 +344,34 @@ def negative_seed(w):
     return Bad(train(w, *GPT2_SCRATCH, "--seed", "-1"), ("--seed -1", "from 0"))
 
 
+@case
+def learning_rate_nan(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--learning_rate", "nan"), ("--learning_rate nan", "finite"))
+
+
+@case
+def negative_learning_rate(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--learning_rate", "-1"), ("--learning_rate -1", "at least 0"))
+
+
+@case
+def max_grad_norm_nan(w):
+    # Would train with clipping silently off: a NaN norm compares false with every gradient norm.
+    return Bad(train(w, *GPT2_SCRATCH, "--max_grad_norm", "nan"), ("--max_grad_norm nan", "0 to not clip"))
+
+
+@case
+def zero_max_steps(w):
+    # Would train one step and record a finished run.
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "0"), ("--max_steps 0", "at least 1", "--num_train_epochs"))
+
+
+@case
+def zero_max_train_samples(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--max_train_samples", "0"), ("--max_train_samples 0", "at least 1",
+                                                                     "leave it out"))
+
+
 # ---------------------------------------------------------------------------- output folder and checkpoints
 
 
