@@ -438,6 +438,33 @@ def resume_finds_a_checkpoint_of_another_model_size(w):
 
 
 @case
+def resume_from_a_checkpoint_whose_trainer_state_is_not_json(w):
+    checkpoint = w.tmp / "checkpoint-2"
+    shutil.copytree(_trained_run(w) / "checkpoint-2", checkpoint)
+    (checkpoint / "checkpoint_complete.json").unlink()  # as another program's checkpoint: used as given
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2, "log_history": [')
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "4", "--resume_from_checkpoint", checkpoint),
+               ("--resume_from_checkpoint", "checkpoint-2", "trainer_state.json", "cannot be read"))
+
+
+@case
+def resume_from_a_checkpoint_with_fewer_layers(w):
+    checkpoint = _trained_run(w) / "checkpoint-2"
+    deeper = ["--config_overrides", "n_layer=3,n_embd=64,n_head=2,n_positions=128"]
+    return Bad(train(w, *GPT2_SCRATCH[:4], *deeper, "--block_size", "64", "--max_steps", "4",
+                     "--resume_from_checkpoint", checkpoint),
+               ("--resume_from_checkpoint", "not there", "transformer.h.2.", "number of layers"))
+
+
+@case
+def resume_finds_a_checkpoint_with_more_layers(w):
+    shutil.copytree(_trained_run(w) / "checkpoint-2", w.out / "checkpoint-2")
+    shallower = ["--config_overrides", "n_layer=1,n_embd=64,n_head=2,n_positions=128"]
+    return Bad(train(w, *GPT2_SCRATCH[:4], *shallower, "--block_size", "64", "--max_steps", "4"),
+               ("checkpoint-2", "not in this model", "transformer.h.1.", "--overwrite_output_dir"))
+
+
+@case
 def disk_full_while_saving_a_checkpoint(w):
     # tests/full_disk.py makes the disk "full" (ENOSPC) for checkpoint-2; checkpoint-1 is saved first.
     return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "3", "--save_steps", "1", "--report_to", "none",
