@@ -175,6 +175,24 @@ def bad_file_found_mid_stream(w):
                new_files=("out", "out/run_info.json", "out/run_state.json"))  # training had begun
 
 
+@case
+def streamed_text_file_not_utf8_at_its_start(w):
+    lines = w.text["train"].read_text(encoding="utf-8").splitlines(keepends=True)
+    broken = w.file("broken.txt", "".join(lines[:3]).encode() + b"caf\xe9 \xff\xfe\n" + "".join(lines[3:]).encode())
+    # Found before the run starts: no run_info.json, no run_state.json.
+    return Bad(train(w, *GPT2_SCRATCH, "--streaming", "--max_steps", "4", "--report_to", "none", train_file=broken),
+               ("--train_file", "broken.txt", "cannot be read", "at its start"))
+
+
+@case
+def streamed_jsonl_with_a_bad_line_at_its_start(w):
+    lines = w.text["train"].read_text(encoding="utf-8").splitlines()[:60]
+    rows = [json.dumps({"text": line}) for line in lines]
+    broken = w.file("broken.jsonl", "\n".join(rows[:2] + ['{"text": "cut off'] + rows[2:]) + "\n")
+    return Bad(train(w, *GPT2_SCRATCH, "--streaming", "--max_steps", "4", "--report_to", "none", train_file=broken),
+               ("--train_file", "broken.jsonl", "cannot be read", "at its start"))
+
+
 # ---------------------------------------------------------------------------- model and tokenizer
 
 
