@@ -4,6 +4,7 @@ Mistakes in the input (a missing, empty or unreadable file, an unknown file type
 does not exist or holds no text) stop here with a ``UsageError`` naming the flag or the file.
 """
 
+import errno
 import logging
 import os
 
@@ -51,8 +52,12 @@ def _load_hub_dataset(model_args, data_args):
             streaming=data_args.streaming,
         )
     except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        _check_cache_written(err, model_args.cache_dir)
         offline = " (HF_HUB_OFFLINE is set: use local files with --train_file)" if datasets.config.HF_HUB_OFFLINE else ""
         raise UsageError(f"--dataset_name {data_args.dataset_name}: cannot load it{offline}: {_first_line(err)}") from None
+    except OSError as err:  # a read-only cache, say
+        _check_cache_written(err, model_args.cache_dir)
+        raise
 
 
 def _load_files(model_args, data_args):
@@ -79,8 +84,25 @@ def _load_files(model_args, data_args):
             **extra,
         )
     except Exception as err:  # the builders raise many kinds of parse errors
+        _check_cache_written(err, model_args.cache_dir)
         names = " / ".join(f"{flag} {path}" for flag, path in files.values())
         raise UsageError(f"{names}: cannot be read as {builder}: {_first_line(err)}") from None
+
+
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _check_cache_written(err: BaseException, cache_dir: str | None) -> None:
+    """A datasets cache that cannot be written is the cache's fault, not the data's: say which folder."""
+    cache = os.path.abspath(cache_dir or datasets.config.HF_DATASETS_CACHE)
+    while err is not None:
+        filename = getattr(err, "filename", None)
+        if isinstance(err, OSError) and err.errno in _NOT_WRITABLE and filename and \
+                os.path.abspath(filename).startswith(cache):
+            which = f"--cache_dir {cache_dir}" if cache_dir else f"the datasets cache {cache} (under HF_HOME)"
+            raise UsageError(f"{which} cannot be written ({err.strerror}): pass --cache_dir with a writable folder, "
+                             "or set HF_HOME to one") from None
+        err = err.__cause__ or err.__context__
 
 
 def _read_first_rows(streams, source: str) -> None:
