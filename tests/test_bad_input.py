@@ -600,6 +600,31 @@ def outcomes(tmp_path_factory, text_files, offline_hub):
         results.pool.shutdown(cancel_futures=True)
 
 
+def test_a_read_only_hf_home_is_named_instead_of_the_train_file(tmp_path, text_files, offline_hub):
+    home = tmp_path / "hf"
+    home.mkdir()
+    where = Where(tmp_path, text_files)
+    command = [sys.executable, str(ROOT / "run_clm.py"), *map(str, train(where, *GPT2_SCRATCH, "--max_steps", "2"))]
+    if os.geteuid() == 0:
+        # root writes through file modes: a read-only mount instead, in a mount namespace of the run's own
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+            pytest.skip("running as root without unshare -m: cannot make HF_HOME read-only")
+        command = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && '
+                   'exec "$@"', str(home), *command]
+    else:
+        home.chmod(0o555)
+    before = snapshot(tmp_path, text_files["train"].parent)
+    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "HF_HOME": str(home)})
+    home.chmod(0o755)
+    assert process.returncode == 2 and "Traceback" not in process.stderr, process.stderr[-3000:]
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, process.stderr[-3000:]
+    assert str(home / "datasets") in errors[0] and "HF_HOME" in errors[0] and "--cache_dir" in errors[0], errors[0]
+    assert "--train_file" not in errors[0]
+    assert snapshot(tmp_path, text_files["train"].parent) == before
+
+
 @pytest.mark.parametrize("name", ["mlm_probability_out_of_range", "plm_probability_out_of_range",
                                   "odd_max_seq_length_for_plm"])
 def test_task_flags_are_refused_while_parsing_before_the_run_starts(name, outcomes):
