@@ -18,8 +18,8 @@
 # on a file system all nodes share: global rank 0 writes the checkpoints and results there.
 #
 # Derived from Slurm (scripts/slurm_env.sh): NNODES (SLURM_NNODES), NODE_RANK (SLURM_NODEID,
-# per node), MASTER_ADDR (the first host of SLURM_JOB_NODELIST), MASTER_PORT (29500 + job id
-# mod 10000) and the rendezvous (c10d at MASTER_ADDR:MASTER_PORT, id SLURM_JOB_ID).
+# per node), MASTER_ADDR (the first host of SLURM_JOB_NODELIST), MASTER_PORT (from the job id
+# into 29500..39499, slurm_job_port) and the rendezvous (c10d at MASTER_ADDR:MASTER_PORT, id SLURM_JOB_ID).
 # NPROC_PER_NODE defaults to SLURM_GPUS_ON_NODE, else 8. DEVICE, AMP_FLAGS, OUTPUT_DIR, MODEL
 # and the rest are scripts/launch.sh's (sbatch passes the environment on).
 #

@@ -5,6 +5,7 @@
 #                    torchrun's c10d rendezvous (PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID)
 #   slurm_node_env   in each node's task: exports NODE_RANK (and NNODES)
 #   slurm_first_host NODELIST   the first host of a Slurm node list, without scontrol
+#   slurm_job_port JOB_ID       the job's MASTER_PORT when none is set
 #
 # From Slurm: SLURM_NNODES (or SLURM_JOB_NUM_NODES), SLURM_NODEID, SLURM_JOB_NODELIST,
 # SLURM_JOB_ID. MASTER_ADDR is the first host of the node list (`scontrol show hostnames`
@@ -25,6 +26,21 @@ slurm_first_host() {
     printf '%s\n' "$first"
 }
 
+# One rendezvous port per job in 29500..39499, so that jobs sharing a node do not collide. The job
+# number mod 10000 plus its count of ten-thousands: jobs less than 9999 apart, and jobs 10000 (or
+# any multiple of it below 10^8) apart, get different ports. A job id that is not a number
+# (an array task's "123_4", a heterogeneous "123+1") is reduced to one by its checksum.
+slurm_job_port() {
+    local id=$1 number
+    if [[ $id =~ ^[0-9]+$ ]]; then
+        (( ${#id} <= 15 )) || id=${id: -15}  # within 64-bit arithmetic
+        number=$((10#$id))  # base 10: no octal for leading zeros
+    else
+        number=$(printf '%s' "$id" | cksum | cut -d ' ' -f 1)
+    fi
+    echo $((29500 + (number + number / 10000) % 10000))
+}
+
 _slurm_die() {
     echo "error: $*" >&2
     exit 2
@@ -41,8 +57,7 @@ slurm_job_env() {
         fi
         MASTER_ADDR=${MASTER_ADDR:-$(slurm_first_host "$nodelist")}
     fi
-    # One port per job, so that two jobs sharing a node do not collide.
-    MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 10000))}
+    MASTER_PORT=${MASTER_PORT:-$(slurm_job_port "${SLURM_JOB_ID:-0}")}
     export NNODES MASTER_ADDR MASTER_PORT
     export PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT="$MASTER_ADDR:$MASTER_PORT" PET_RDZV_ID="${SLURM_JOB_ID:-lm}"
 }

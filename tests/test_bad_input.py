@@ -175,6 +175,24 @@ def bad_file_found_mid_stream(w):
                new_files=("out", "out/run_info.json", "out/run_state.json"))  # training had begun
 
 
+@case
+def streamed_text_file_not_utf8_at_its_start(w):
+    lines = w.text["train"].read_text(encoding="utf-8").splitlines(keepends=True)
+    broken = w.file("broken.txt", "".join(lines[:3]).encode() + b"caf\xe9 \xff\xfe\n" + "".join(lines[3:]).encode())
+    # Found before the run starts: no run_info.json, no run_state.json.
+    return Bad(train(w, *GPT2_SCRATCH, "--streaming", "--max_steps", "4", "--report_to", "none", train_file=broken),
+               ("--train_file", "broken.txt", "cannot be read", "at its start"))
+
+
+@case
+def streamed_jsonl_with_a_bad_line_at_its_start(w):
+    lines = w.text["train"].read_text(encoding="utf-8").splitlines()[:60]
+    rows = [json.dumps({"text": line}) for line in lines]
+    broken = w.file("broken.jsonl", "\n".join(rows[:2] + ['{"text": "cut off'] + rows[2:]) + "\n")
+    return Bad(train(w, *GPT2_SCRATCH, "--streaming", "--max_steps", "4", "--report_to", "none", train_file=broken),
+               ("--train_file", "broken.jsonl", "cannot be read", "at its start"))
+
+
 # ---------------------------------------------------------------------------- model and tokenizer
 
 
@@ -344,6 +362,34 @@ def negative_seed(w):
     return Bad(train(w, *GPT2_SCRATCH, "--seed", "-1"), ("--seed -1", "from 0"))
 
 
+@case
+def learning_rate_nan(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--learning_rate", "nan"), ("--learning_rate nan", "finite"))
+
+
+@case
+def negative_learning_rate(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--learning_rate", "-1"), ("--learning_rate -1", "at least 0"))
+
+
+@case
+def max_grad_norm_nan(w):
+    # Would train with clipping silently off: a NaN norm compares false with every gradient norm.
+    return Bad(train(w, *GPT2_SCRATCH, "--max_grad_norm", "nan"), ("--max_grad_norm nan", "0 to not clip"))
+
+
+@case
+def zero_max_steps(w):
+    # Would train one step and record a finished run.
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "0"), ("--max_steps 0", "at least 1", "--num_train_epochs"))
+
+
+@case
+def zero_max_train_samples(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--max_train_samples", "0"), ("--max_train_samples 0", "at least 1",
+                                                                     "leave it out"))
+
+
 # ---------------------------------------------------------------------------- output folder and checkpoints
 
 
@@ -407,6 +453,33 @@ def resume_finds_a_checkpoint_of_another_model_size(w):
     wider = ["--config_overrides", "n_layer=2,n_embd=128,n_head=2,n_positions=128"]
     return Bad(train(w, *GPT2_SCRATCH[:4], *wider, "--block_size", "64", "--max_steps", "4"),
                ("checkpoint-2", "another size", "--overwrite_output_dir"))
+
+
+@case
+def resume_from_a_checkpoint_whose_trainer_state_is_not_json(w):
+    checkpoint = w.tmp / "checkpoint-2"
+    shutil.copytree(_trained_run(w) / "checkpoint-2", checkpoint)
+    (checkpoint / "checkpoint_complete.json").unlink()  # as another program's checkpoint: used as given
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2, "log_history": [')
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "4", "--resume_from_checkpoint", checkpoint),
+               ("--resume_from_checkpoint", "checkpoint-2", "trainer_state.json", "cannot be read"))
+
+
+@case
+def resume_from_a_checkpoint_with_fewer_layers(w):
+    checkpoint = _trained_run(w) / "checkpoint-2"
+    deeper = ["--config_overrides", "n_layer=3,n_embd=64,n_head=2,n_positions=128"]
+    return Bad(train(w, *GPT2_SCRATCH[:4], *deeper, "--block_size", "64", "--max_steps", "4",
+                     "--resume_from_checkpoint", checkpoint),
+               ("--resume_from_checkpoint", "not there", "transformer.h.2.", "number of layers"))
+
+
+@case
+def resume_finds_a_checkpoint_with_more_layers(w):
+    shutil.copytree(_trained_run(w) / "checkpoint-2", w.out / "checkpoint-2")
+    shallower = ["--config_overrides", "n_layer=1,n_embd=64,n_head=2,n_positions=128"]
+    return Bad(train(w, *GPT2_SCRATCH[:4], *shallower, "--block_size", "64", "--max_steps", "4"),
+               ("checkpoint-2", "not in this model", "transformer.h.1.", "--overwrite_output_dir"))
 
 
 @case
@@ -525,6 +598,31 @@ def outcomes(tmp_path_factory, text_files, offline_hub):
     yield results
     if results.pool:
         results.pool.shutdown(cancel_futures=True)
+
+
+def test_a_read_only_hf_home_is_named_instead_of_the_train_file(tmp_path, text_files, offline_hub):
+    home = tmp_path / "hf"
+    home.mkdir()
+    where = Where(tmp_path, text_files)
+    command = [sys.executable, str(ROOT / "run_clm.py"), *map(str, train(where, *GPT2_SCRATCH, "--max_steps", "2"))]
+    if os.geteuid() == 0:
+        # root writes through file modes: a read-only mount instead, in a mount namespace of the run's own
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+            pytest.skip("running as root without unshare -m: cannot make HF_HOME read-only")
+        command = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && '
+                   'exec "$@"', str(home), *command]
+    else:
+        home.chmod(0o555)
+    before = snapshot(tmp_path, text_files["train"].parent)
+    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "HF_HOME": str(home)})
+    home.chmod(0o755)
+    assert process.returncode == 2 and "Traceback" not in process.stderr, process.stderr[-3000:]
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, process.stderr[-3000:]
+    assert str(home / "datasets") in errors[0] and "HF_HOME" in errors[0] and "--cache_dir" in errors[0], errors[0]
+    assert "--train_file" not in errors[0]
+    assert snapshot(tmp_path, text_files["train"].parent) == before
 
 
 @pytest.mark.parametrize("name", ["mlm_probability_out_of_range", "plm_probability_out_of_range",

@@ -111,3 +111,31 @@ def test_a_worker_killed_by_a_stop_signal_never_reports_a_saved_checkpoint():
     assert torchrun.exit_status(143) == 143 and torchrun.exit_status(2) == 2  # the worker's own status
     assert torchrun.exit_status(-signal.SIGTERM) == 1 and torchrun.exit_status(-signal.SIGINT) == 1
     assert torchrun.exit_status(-signal.SIGKILL) == 137
+
+
+def test_a_plain_run_with_dataloader_workers_checkpoints_on_a_sigterm_to_its_group(text_files, tmp_path):
+    """``python run_clm.py --dataloader_num_workers 1`` in a terminal, then ``timeout`` (SIGTERM to the group).
+
+    The signal comes while training runs (after its first logged step), when the worker is busy
+    loading batches: it must not reach the worker, whose death would end the run with status 1.
+    """
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    command = [sys.executable, str(ROOT / "run_clm.py"), *FLAGS, "--max_steps", "2000", "--save_steps", "1000",
+               "--dataloader_num_workers", "1", "--do_train", "--train_file", str(text_files["train"]),
+               "--output_dir", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LM_FAULT_PLAN")}
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + 300
+    while "'loss'" not in log.read_text(errors="replace"):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few steps on, the worker loading the next batches
+    os.killpg(process.pid, signal.SIGTERM)
+    status = finish(process)
+    text = log.read_text(errors="replace")
+    assert status == 128 + signal.SIGTERM, text[-3000:]
+    assert "killed by signal" not in text
+    checkpoints = [path for path in out.glob("checkpoint-*") if (path / COMPLETE_MARKER).is_file()]
+    assert len(checkpoints) == 1 and "stopped: SIGTERM received; saved" in text

@@ -171,13 +171,32 @@ def test_slurm_variables_become_torchrun_settings(tmp_path):
     bin_dir = fake_slurm(tmp_path)
     env = clean_env(**SLURM_JOB, FAKE_SLURM=str(tmp_path), PATH=f"{bin_dir}:/usr/bin:/bin")
     assert derived(env) == {
-        "NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "gpu07", "MASTER_PORT": str(29500 + 12345 % 10000),
-        "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "gpu07:31845", "PET_RDZV_ID": "12345",
+        "NNODES": "4", "NODE_RANK": "2", "MASTER_ADDR": "gpu07", "MASTER_PORT": "31846",  # 29500 + 2345 + 1
+        "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ENDPOINT": "gpu07:31846", "PET_RDZV_ID": "12345",
     }
     assert (tmp_path / "scontrol.log").read_text() == "show hostnames gpu[07-10]\n"
     # Given ones win.
     given = derived({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"})
     assert (given["MASTER_ADDR"], given["PET_RDZV_ENDPOINT"]) == ("10.0.0.1", "10.0.0.1:4000")
+
+
+def test_slurm_jobs_near_each_other_or_10000_apart_get_different_ports(tmp_path):
+    env = clean_env(**SLURM_JOB, FAKE_SLURM=str(tmp_path), PATH=f"{fake_slurm(tmp_path)}:/usr/bin:/bin")
+    nearby = [*range(12000, 12400), *range(19990, 20010)]  # across a multiple of 10000 too
+    apart = [12345 + 10000 * m for m in range(30)]
+    for jobs in (nearby, apart):
+        shell = ('. scripts/slurm_env.sh && for j in "$@"; do (SLURM_JOB_ID=$j; unset MASTER_PORT; slurm_job_env; '
+                 'echo "$MASTER_PORT"); done')
+        process = subprocess.run(["bash", "-c", shell, "bash", *map(str, jobs)], cwd=ROOT, capture_output=True,
+                                 text=True, env=env, timeout=60)
+        ports = [int(port) for port in process.stdout.split()]
+        assert len(ports) == len(jobs) and len(set(ports)) == len(jobs), process.stderr
+        assert all(29500 <= port < 39500 for port in ports)
+    # A job id that is not a number (an array task's): a port all the same, no bash arithmetic error.
+    for job in ("12345_7", "12345+1", "007"):
+        derived_env = derived({**env, "SLURM_JOB_ID": job})
+        assert 29500 <= int(derived_env["MASTER_PORT"]) < 39500 and derived_env["PET_RDZV_ID"] == job
+    assert derived({**env, "SLURM_JOB_ID": "12345_7"}) != derived({**env, "SLURM_JOB_ID": "12345_8"})
 
 
 def test_slurm_node_list_is_parsed_without_scontrol(tmp_path):

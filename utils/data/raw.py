@@ -4,6 +4,7 @@ Mistakes in the input (a missing, empty or unreadable file, an unknown file type
 does not exist or holds no text) stop here with a ``UsageError`` naming the flag or the file.
 """
 
+import errno
 import logging
 import os
 
@@ -20,16 +21,22 @@ BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json"
 # heap fragmented, so a process's peak memory grew with the corpus (by 150 MB from WikiText-2 x1 to
 # x10); at 1 MiB it stays flat, and loading is no slower. The rows are the same lines either way.
 TEXT_CHUNK_BYTES = 1 << 20
+READERS = os.sep + os.path.join("datasets", "packaged_modules") + os.sep  # where datasets' file readers live
 
 
 def load_raw_datasets(model_args, data_args) -> DatasetDict | IterableDatasetDict:
     """The raw text splits ``train`` and ``validation`` from the hub or from local files."""
     if data_args.dataset_name:
         raw = _load_hub_dataset(model_args, data_args)
+        source = f"--dataset_name {data_args.dataset_name}"
     elif data_args.train_file or data_args.validation_file:
         raw = _load_files(model_args, data_args)
+        source = " / ".join(f"--{flag} {path}" for flag, path in (("train_file", data_args.train_file),
+                                                                   ("validation_file", data_args.validation_file)) if path)
     else:
         raise UsageError("no data: pass --dataset_name, or --train_file (and optionally --validation_file)")
+    if data_args.streaming:
+        _read_first_rows(raw, source)
     if "validation" not in raw and "train" in raw:
         raw = _hold_out_validation(raw, data_args.validation_split_percentage)
     return raw
@@ -45,8 +52,12 @@ def _load_hub_dataset(model_args, data_args):
             streaming=data_args.streaming,
         )
     except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        _check_cache_written(err, model_args.cache_dir)
         offline = " (HF_HUB_OFFLINE is set: use local files with --train_file)" if datasets.config.HF_HUB_OFFLINE else ""
         raise UsageError(f"--dataset_name {data_args.dataset_name}: cannot load it{offline}: {_first_line(err)}") from None
+    except OSError as err:  # a read-only cache, say
+        _check_cache_written(err, model_args.cache_dir)
+        raise
 
 
 def _load_files(model_args, data_args):
@@ -73,8 +84,52 @@ def _load_files(model_args, data_args):
             **extra,
         )
     except Exception as err:  # the builders raise many kinds of parse errors
+        _check_cache_written(err, model_args.cache_dir)
         names = " / ".join(f"{flag} {path}" for flag, path in files.values())
         raise UsageError(f"{names}: cannot be read as {builder}: {_first_line(err)}") from None
+
+
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _check_cache_written(err: BaseException, cache_dir: str | None) -> None:
+    """A datasets cache that cannot be written is the cache's fault, not the data's: say which folder."""
+    cache = os.path.abspath(cache_dir or datasets.config.HF_DATASETS_CACHE)
+    while err is not None:
+        filename = getattr(err, "filename", None)
+        if isinstance(err, OSError) and err.errno in _NOT_WRITABLE and filename and \
+                os.path.abspath(filename).startswith(cache):
+            which = f"--cache_dir {cache_dir}" if cache_dir else f"the datasets cache {cache} (under HF_HOME)"
+            raise UsageError(f"{which} cannot be written ({err.strerror}): pass --cache_dir with a writable folder, "
+                             "or set HF_HOME to one") from None
+        err = err.__cause__ or err.__context__
+
+
+def _read_first_rows(streams, source: str) -> None:
+    """The first row of each stream, so that a file broken at its start stops the run before it begins.
+
+    Streams are otherwise read only by the training loop. The first row decodes the file's first
+    chunk (1 MiB of text, a block of JSON lines); a file broken further on is found while training.
+    """
+    for split, rows in streams.items():
+        try:
+            next(iter(rows), None)
+        except Exception as err:  # the builders raise many kinds of parse errors
+            file = file_being_read(err)
+            where = f"{source}: {file}" if file and file not in source else source
+            raise UsageError(f"{where} cannot be read ({split} split, at its start): {_first_line(err)}; fix or "
+                             "remove that file") from None
+
+
+def file_being_read(err: BaseException) -> str | None:
+    """The file a datasets reader was reading when it raised ``err``, from the reader's frame."""
+    file = None
+    frames = err.__traceback__
+    while frames is not None:
+        if READERS in frames.tb_frame.f_code.co_filename:
+            file = frames.tb_frame.f_locals.get("file", file)
+        frames = frames.tb_next
+    return file
 
 
 def _check_text_file(flag: str, path: str) -> str:

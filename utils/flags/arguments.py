@@ -14,7 +14,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_SCALE_WINDOW
 from utils.cli import Command
 from utils.errors import UsageError
-from utils.flags.checks import check_chunk_flags, check_counts, check_scaling_flags, precision_config
+from utils.flags.checks import (check_chunk_flags, check_counts, check_optimizer_numbers, check_sample_counts,
+                                check_scaling_flags, precision_config)
 from utils.flags.secrets import mask_command, secret_values
 from utils.launch.device import check_placement, setup_device, training_defaults
 
@@ -112,6 +113,9 @@ class DataArguments:
         default=False, metadata={"help": "Read the data as a stream instead of preparing it all first (needs --max_steps)."}
     )
 
+    def __post_init__(self):
+        check_sample_counts(self)
+
 
 @dataclass
 class SequenceArguments:
@@ -200,6 +204,7 @@ class LMTrainingArguments(TrainingArguments):
         self.amp_config = precision_config(self)  # the one AmpConfig of the run; None for fp32
         check_scaling_flags(self)
         check_counts(self)
+        check_optimizer_numbers(self)
         check_chunk_flags(self)
         super().__post_init__()
         if self.amp_config is not None:

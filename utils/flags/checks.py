@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 from utils.amp.config import AmpConfig
@@ -38,6 +39,30 @@ def check_counts(args) -> None:
         value = getattr(args, flag)
         if value is not None and not _SEED_RANGE[0] <= value <= _SEED_RANGE[1]:
             raise UsageError(f"--{flag} {value}: give a number from 0 to {_SEED_RANGE[1]}")
+    if args.max_steps == 0:
+        # The Trainer reads 0 as "not set" in places and trains one step: a finished run of nothing.
+        raise UsageError("--max_steps 0: give the number of optimizer steps (at least 1), or leave it out to train "
+                         "for --num_train_epochs")
+
+
+def check_optimizer_numbers(args) -> None:
+    """A learning rate and a clipping norm that are numbers the optimizer can use."""
+    if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
+        # torch's optimizers refuse a negative one with a traceback, and a NaN would make every weight NaN.
+        raise UsageError(f"--learning_rate {args.learning_rate:g}: give a finite number of at least 0, e.g. 5e-5")
+    if args.max_grad_norm is not None and (math.isnan(args.max_grad_norm) or args.max_grad_norm < 0):
+        # A NaN norm compares false with every gradient norm, which turns clipping off without a word.
+        raise UsageError(f"--max_grad_norm {args.max_grad_norm:g}: give a norm above 0 to clip the gradients at, "
+                         "or 0 to not clip them")
+
+
+def check_sample_counts(data_args) -> None:
+    """--max_train_samples and --max_eval_samples: a number of samples to keep, when given."""
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} {value}: give a number of samples of at least 1, or leave it out to use "
+                             "all the data")
 
 
 def precision_config(args) -> AmpConfig | None:

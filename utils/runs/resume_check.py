@@ -35,6 +35,8 @@ def check_resumable(checkpoint: str | None, model, given: bool) -> None:
     if not weights or not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)):
         raise UsageError(f"{where} is not a checkpoint of a training run (it needs model weights and "
                          f"{TRAINER_STATE}); give a checkpoint-N folder that a training run wrote")
+    restart = "" if given else ", or add --overwrite_output_dir to start over"
+    _check_trainer_state(checkpoint, where, restart)
     try:
         shapes = stored_shapes(weights)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
@@ -42,7 +44,6 @@ def check_resumable(checkpoint: str | None, model, given: bool) -> None:
                          "resume from an earlier checkpoint") from None
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     common = [name for name in shapes if name in expected]
-    restart = "" if given else ", or add --overwrite_output_dir to start over"
     if not common:
         raise UsageError(f"{where} holds weights of another kind of model (no weight names in common with the "
                          f"{model.config.model_type} built here); use the model flags of the run that wrote it{restart}")
@@ -53,6 +54,42 @@ def check_resumable(checkpoint: str | None, model, given: bool) -> None:
                 f"{_shape(expected[name])} here); use the model flags (--config_overrides, --model_type, "
                 f"--config_name) of the run that wrote it{restart}"
             )
+    missing, extra = _unmatched(shapes, model)
+    if missing or extra:
+        # The Trainer loads the shared weights and only warns: the rest would start from random values.
+        differ = [f"{len(names)} {what} (e.g. {names[0]})" for names, what in
+                  ((missing, "of this model's weights are not there"), (extra, "of its weights are not in this model"))
+                  if names]
+        raise UsageError(f"{where} holds another model: {' and '.join(differ)}, as when the number of layers "
+                         "changed; use the model flags (--config_overrides, --model_type, --config_name) of the run "
+                         f"that wrote it{restart}")
+
+
+def _unmatched(shapes: dict, model) -> tuple[list[str], list[str]]:
+    """The model's weights the checkpoint lacks, and the checkpoint's the model lacks.
+
+    A tied weight (GPT-2's lm_head.weight is its wte.weight) is saved under one of its names only.
+    """
+    state = model.state_dict()
+    aliases: dict = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.data_ptr() else name
+        aliases.setdefault(key, []).append(name)
+    missing = sorted(name for names in aliases.values() if not any(n in shapes for n in names) for name in names)
+    return missing, sorted(name for name in shapes if name not in state)
+
+
+def _check_trainer_state(checkpoint: str, where: str, restart: str) -> None:
+    """The Trainer reads trainer_state.json on resuming, with a traceback if it is not a JSON object."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        state = err
+    if not isinstance(state, dict):
+        why = " ".join(str(state).split())[:200] if isinstance(state, Exception) else "not a JSON object"
+        raise UsageError(f"{where} is damaged: its {TRAINER_STATE} cannot be read ({why}); resume from an earlier "
+                         f"checkpoint{restart}")
 
 
 def weight_files(folder: str) -> list[str]:

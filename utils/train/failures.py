@@ -21,12 +21,12 @@ import logging
 import os
 import shutil
 
+from utils.data.raw import READERS, file_being_read
 from utils.runs.checkpoints import STAGING_PREFIX, newest_complete_checkpoint
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-_READERS = os.sep + os.path.join("datasets", "packaged_modules") + os.sep  # datasets' file readers
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -49,15 +49,9 @@ def run_guard(trainer):
 
 def unreadable_data(err: BaseException) -> str | None:
     """The one-line report for an error raised while datasets read a file, else None."""
-    file = None
-    frames = err.__traceback__
-    while frames is not None:
-        code = frames.tb_frame.f_code
-        if _READERS in code.co_filename:
-            file = frames.tb_frame.f_locals.get("file", file)
-        frames = frames.tb_next
+    file = file_being_read(err)
     # A DataLoader worker's error arrives as a copy whose message holds the worker's traceback.
-    in_worker = _READERS in str(err) and "Original Traceback" in str(err)
+    in_worker = READERS in str(err) and "Original Traceback" in str(err)
     if file is None and not in_worker:
         return None
     message = (str(err).strip().splitlines() or [type(err).__name__])[-1]

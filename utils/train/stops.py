@@ -214,8 +214,12 @@ def workers_in_own_group(loader):
     The Trainer still ends them itself when a loader is done; only signals meant for the whole
     group no longer reach them.
     """
-    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, _LeaveProcessGroup):
-        loader.worker_init_fn = _LeaveProcessGroup(loader.worker_init_fn)
+    # accelerate's prepared loader forwards reads to the DataLoader it wraps, which starts the workers,
+    # but keeps an attribute set on itself: set it on the wrapped one.
+    starts_workers = getattr(loader, "base_dataloader", loader)
+    if getattr(starts_workers, "num_workers", 0) > 0 and \
+            not isinstance(starts_workers.worker_init_fn, _LeaveProcessGroup):
+        starts_workers.worker_init_fn = _LeaveProcessGroup(starts_workers.worker_init_fn)
     return loader
 
 
