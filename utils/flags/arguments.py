@@ -15,6 +15,7 @@ from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_SCALE_WINDOW
 from utils.cli import Command
 from utils.errors import UsageError
 from utils.flags.checks import check_chunk_flags, check_counts, check_scaling_flags, precision_config
+from utils.flags.legacy import translate_flags, translate_values
 from utils.flags.secrets import mask_command, secret_values
 from utils.launch.device import check_placement, setup_device, training_defaults
 
@@ -262,7 +263,12 @@ def parse_args(*task_dataclasses, command: Command | None = None):
     """
     command = command or Command.of_process()
     parser = flag_parser(ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments, prog=command.name)
-    values = command.flag_file_values() if command.flag_file else vars(parser.parse_args(command.args))
+    if command.flag_file:
+        values, environ = translate_values(command.flag_file_values())
+    else:
+        flags, environ = translate_flags(list(command.args))  # 4.x flags as today's (utils/flags/legacy.py)
+        values = vars(parser.parse_args(flags))
+    os.environ.update(environ)
     device = setup_device(use_cpu=bool(values.get("use_cpu")))
     for name, value in training_defaults(device).items():
         if values.get(name) is None or name == "use_cpu":

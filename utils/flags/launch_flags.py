@@ -18,7 +18,9 @@ not parse stop here with the parser's one ``error:`` line and exit status 2.
 import argparse
 import shlex
 
+from utils.cli import run_cli
 from utils.flags.arguments import DataArguments, LMTrainingArguments, ModelArguments, SequenceArguments, flag_parser
+from utils.flags.legacy import translate_flags
 from utils.flags.secrets import mask_command, secret_values
 
 
@@ -27,7 +29,7 @@ def read_flags(task: str, flags: list[str]) -> tuple[bool, bool, str, list[str]]
     parser = flag_parser(ModelArguments, DataArguments, SequenceArguments, LMTrainingArguments,
                          prog=f"run_{task}.py")
     # Read only: no TrainingArguments are built, so nothing about the device is decided.
-    namespace, _ = parser.parse_known_args(flags)
+    namespace, _ = parser.parse_known_args(translate_flags(flags)[0])  # 4.x flags as today's (utils/flags/legacy.py)
     model = namespace.model_name_or_path is not None or namespace.model_type is not None
     data = namespace.dataset_name is not None or namespace.train_file is not None
     return model, data, namespace.output_dir or "", mask_command(flags, secret_values(namespace))
@@ -43,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a 4.x flag that cannot be mapped: its one error: line, exit status 2
