@@ -59,6 +59,11 @@ class ModelArguments:
         default=False,
         metadata={"help": "Allow models and tokenizers defined by code on the hub. Only for repositories you trust."},
     )
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={"help": "As in the Hugging Face examples: load the weights without a second copy in memory. "
+                          "transformers 5 always does, so the flag is accepted and changes nothing."},
+    )
     dtype: str | None = field(
         default=None,
         metadata={
@@ -229,8 +234,9 @@ def flag_parser(*types, prog: str | None = None) -> HfArgumentParser:
 
 
 def model_label(model_args) -> str:
-    """The model as reports name it: the checkpoint's name (its last path part), else the model type trained from scratch."""
-    checkpoint = (model_args.model_name_or_path or "").rstrip("/")
+    """The model as reports name it: the checkpoint's or the config's name (its last path part), else the model
+    type trained from scratch."""
+    checkpoint = (model_args.model_name_or_path or model_args.config_name or "").rstrip("/")
     return os.path.basename(checkpoint) or checkpoint or model_args.model_type or "unknown"
 
 
