@@ -88,7 +88,8 @@ def _load_folder(model_args, data_args):
             files.setdefault(split, []).append(path)
     if "train" not in files and "validation" not in files:
         raise UsageError(f"--dataset_name {folder}: a local folder needs files whose names say their split "
-                         "(e.g. train.txt, valid.txt; or wiki.train.tokens), of type .txt/.raw/.tokens, .csv or .json/.jsonl")
+                         "(e.g. train.txt, valid.txt; or wiki.train.tokens), of type .txt/.raw/.tokens, .csv or "
+                         ".json/.jsonl")
     logger.info("--dataset_name %s: reading %s", folder,
                 "; ".join(f"{split}: {', '.join(paths)}" for split, paths in files.items()))
     return _read_files({split: ("--dataset_name", paths) for split, paths in files.items()}, model_args, data_args)

@@ -162,7 +162,8 @@ def _from_pretrained(loader, source: str, flag: str, model_args, **kwargs):
                          f"{err}; copy or download it again") from None
     except (OSError, ValueError) as err:
         if _offline():
-            hint = f" (HF_HUB_OFFLINE is set, so only local folders work; to train from scratch instead: {OFFLINE_FROM_SCRATCH})"
+            hint = (" (HF_HUB_OFFLINE is set, so only local folders work; to train from scratch instead: "
+                    f"{OFFLINE_FROM_SCRATCH})")
         else:
             hint = "" if looks_local else f" (without hub access, train from scratch instead: {OFFLINE_FROM_SCRATCH})"
         message = " ".join(str(err).split())[:300]
