@@ -249,3 +249,26 @@ def test_result_row_names_a_model_built_from_config_name():
 
     assert model_label(ModelArguments(config_name="configs/roberta-base/")) == "roberta-base"
     assert model_label(ModelArguments(model_type="gpt2")) == "gpt2"
+
+
+def test_a_file_of_flags_with_4x_flags_keeps_their_types():
+    from utils.flags.legacy import translate_values
+
+    values, environ = translate_values({"evaluation_strategy": "steps", "no_cuda": False, "warmup_ratio": 0.25,
+                                        "logging_dir": "tb", "seed": 3})
+    assert values == {"eval_strategy": "steps", "use_cpu": False, "warmup_steps": 0.25, "seed": 3}
+    assert environ == {"TENSORBOARD_LOGGING_DIR": "tb"}
+
+
+def test_a_cached_hub_copy_of_wikitext_wins_over_the_bundled_files(monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    import utils.data.raw as raw
+    from utils.flags.arguments import DataArguments, ModelArguments
+
+    cached = DatasetDict(train=Dataset.from_dict({"text": ["from the cache"] * 4}),
+                         validation=Dataset.from_dict({"text": ["from the cache"]}))
+    calls = []
+    monkeypatch.setattr(raw, "load_dataset", lambda name, *a, **k: calls.append(name) or cached)
+    data = DataArguments(dataset_name="wikitext", dataset_config_name="wikitext-2-v1")
+    assert raw.load_raw_datasets(ModelArguments(), data) is cached and calls == ["wikitext"]

@@ -131,5 +131,7 @@ def translate_values(values: dict) -> tuple[dict, dict]:
         pairs = _rewrite(name, text, given, found)
         _log(name, text, pairs, found)
         environ.update(found)
-        out.update(pairs)
+        # parse_dict takes the values as they are: keep the file's own types (a bool, a number).
+        out.update({flag: new == "true" if new in ("true", "false") else value if new == text else new
+                    for flag, new in pairs})
     return out, environ
