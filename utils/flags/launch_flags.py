@@ -16,6 +16,7 @@ not parse stop here with the parser's one ``error:`` line and exit status 2.
 """
 
 import argparse
+import logging
 import shlex
 
 from utils.cli import run_cli
@@ -40,6 +41,8 @@ def main() -> None:
     cli.add_argument("task", choices=["clm", "mlm", "plm"])
     cli.add_argument("flags", nargs=argparse.REMAINDER)
     args = cli.parse_args()
+    # The script logs each 4.x flag it reads as today's; the launcher reading them first would say it twice.
+    logging.getLogger("utils.flags.legacy").disabled = True
     model, data, output_dir, masked = read_flags(args.task, args.flags)
     print(int(model), int(data), output_dir, shlex.join(masked), sep="\n")
 
