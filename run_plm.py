@@ -8,6 +8,7 @@ Example:
 
 import utils  # noqa: F401  (must come before torch: see utils/__init__.py)
 
+import logging
 from dataclasses import dataclass, field
 
 from transformers import XLNetLMHeadModel
@@ -23,6 +24,8 @@ from utils.model.loading import load_config, load_model, load_tokenizer, require
 from utils.model.metrics import TokenAccuracy
 from utils.runs.folder import RunFolder
 from utils.train.steps import train_and_evaluate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +55,7 @@ def main():
     with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
         raw_datasets = load_raw_datasets(model_args, data_args)
         config = load_config(model_args, XLNetLMHeadModel)
+        logger.info("Model config %s", config)  # as JSON, after any --config_overrides
         tokenizer = load_tokenizer(model_args)
         require_mask_token(tokenizer, "permutation language modeling")
         model = load_model(model_args, config, tokenizer, XLNetLMHeadModel)

@@ -15,6 +15,10 @@ from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
+# The WikiText splits bundled in data/ (data/README.md), by config, under the hub dataset's names.
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
+WIKITEXT_NAMES = ("wikitext", "Salesforce/wikitext")
+WIKITEXT_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 # Plain text also under WikiText's own extensions (.raw, .tokens).
 BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json": "json", "jsonl": "json"}
 # The text builder reads this much at a time (its default is 10 MiB). Pieces that large leave the
@@ -43,6 +47,8 @@ def load_raw_datasets(model_args, data_args) -> DatasetDict | IterableDatasetDic
 
 
 def _load_hub_dataset(model_args, data_args):
+    if os.path.isdir(data_args.dataset_name):
+        return _load_folder(model_args, data_args)
     try:
         return load_dataset(
             data_args.dataset_name,
@@ -53,11 +59,59 @@ def _load_hub_dataset(model_args, data_args):
         )
     except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         _check_cache_written(err, model_args.cache_dir)
+        # Neither the hub nor the datasets cache has it: the copy bundled in data/, if there is one.
+        if data_args.dataset_name in WIKITEXT_NAMES:
+            return _load_bundled_wikitext(model_args, data_args, err)
         offline = " (HF_HUB_OFFLINE is set: use local files with --train_file)" if datasets.config.HF_HUB_OFFLINE else ""
         raise UsageError(f"--dataset_name {data_args.dataset_name}: cannot load it{offline}: {_first_line(err)}") from None
     except OSError as err:  # a read-only cache, say
         _check_cache_written(err, model_args.cache_dir)
         raise
+
+
+def _load_bundled_wikitext(model_args, data_args, err):
+    config = data_args.dataset_config_name
+    folder = os.path.join(BUNDLED_DATA, config or "")
+    files = {split: os.path.join(folder, name) for split, name in WIKITEXT_FILES.items()}
+    if config and all(os.path.isfile(path) for path in files.values()):
+        logger.warning("--dataset_name %s --dataset_config_name %s: the hub copy cannot be loaded (%s); using the "
+                       "bundled files %s", data_args.dataset_name, config, _first_line(err),
+                       ", ".join(f"{split}={path}" for split, path in files.items()))
+        return _read_files({split: ("--dataset_name", path) for split, path in files.items()}, model_args, data_args)
+    complete = sorted(name for name in os.listdir(BUNDLED_DATA)
+                      if all(os.path.isfile(os.path.join(BUNDLED_DATA, name, f)) for f in WIKITEXT_FILES.values()))
+    have = f"only {', '.join(sorted(os.listdir(folder)))} of it is bundled in {folder}" if config and \
+        os.path.isdir(folder) else "it is not bundled"
+    alternative = " or ".join(f"--dataset_config_name {name}" for name in complete)
+    raise UsageError(f"--dataset_name {data_args.dataset_name} --dataset_config_name {config}: cannot load it from "
+                     f"the hub ({_first_line(err)}) and {have}; train on the bundled copy with {alternative}, or "
+                     "pass your own files with --train_file") from None
+
+
+def _load_folder(model_args, data_args):
+    """A local folder of text, csv or json files; the split of each is in its name (train, valid, test)."""
+    folder = data_args.dataset_name
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        split = _split_of(name)
+        if split and os.path.isfile(path) and name.rpartition(".")[2].lower() in BUILDERS:
+            files.setdefault(split, []).append(path)
+    if "train" not in files and "validation" not in files:
+        raise UsageError(f"--dataset_name {folder}: a local folder needs files whose names say their split "
+                         "(e.g. train.txt, valid.txt; or wiki.train.tokens), of type .txt/.raw/.tokens, .csv or "
+                         ".json/.jsonl")
+    logger.info("--dataset_name %s: reading %s", folder,
+                "; ".join(f"{split}: {', '.join(paths)}" for split, paths in files.items()))
+    return _read_files({split: ("--dataset_name", paths) for split, paths in files.items()}, model_args, data_args)
+
+
+def _split_of(file_name: str) -> str | None:
+    stem = file_name.lower()
+    for split, words in (("train", ("train",)), ("validation", ("valid", "dev")), ("test", ("test",))):
+        if any(word in stem for word in words):
+            return split
+    return None
 
 
 def _load_files(model_args, data_args):
@@ -66,11 +120,17 @@ def _load_files(model_args, data_args):
         files["train"] = ("--train_file", data_args.train_file)
     if data_args.validation_file:
         files["validation"] = ("--validation_file", data_args.validation_file)
-    kinds = {split: _check_text_file(flag, path) for split, (flag, path) in files.items()}
+    return _read_files(files, model_args, data_args)
+
+
+def _read_files(files: dict, model_args, data_args):
+    """``{split: (flag, path or paths)}`` read by the one builder their type calls for."""
+    kinds = {(split, path): _check_text_file(flag, path) for split, (flag, paths) in files.items()
+             for path in ([paths] if isinstance(paths, str) else paths)}
     if len(set(kinds.values())) > 1:
         raise UsageError(
-            f"--train_file {data_args.train_file} and --validation_file {data_args.validation_file} "
-            "must be of the same type (both text, both .csv or both .json/.jsonl)"
+            " and ".join(f"{files[split][0]} {path}" for split, path in kinds) +
+            " must be of the same type (all text, all .csv or all .json/.jsonl)"
         )
     builder = next(iter(kinds.values()))
     extra = {"keep_linebreaks": data_args.keep_linebreaks, "chunksize": TEXT_CHUNK_BYTES} if builder == "text" else {}
@@ -85,7 +145,7 @@ def _load_files(model_args, data_args):
         )
     except Exception as err:  # the builders raise many kinds of parse errors
         _check_cache_written(err, model_args.cache_dir)
-        names = " / ".join(f"{flag} {path}" for flag, path in files.values())
+        names = " / ".join(f"{files[split][0]} {path}" for split, path in kinds)
         raise UsageError(f"{names}: cannot be read as {builder}: {_first_line(err)}") from None
 
 

@@ -16,6 +16,7 @@ from utils.cli import Command
 from utils.errors import UsageError
 from utils.flags.checks import (check_chunk_flags, check_counts, check_optimizer_numbers, check_sample_counts,
                                 check_scaling_flags, precision_config)
+from utils.flags.legacy import translate_flags, translate_values
 from utils.flags.secrets import mask_command, secret_values
 from utils.launch.device import check_placement, setup_device, training_defaults
 
@@ -58,6 +59,11 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow models and tokenizers defined by code on the hub. Only for repositories you trust."},
+    )
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={"help": "As in the Hugging Face examples: load the weights without a second copy in memory. "
+                          "transformers 5 always does, so the flag is accepted and changes nothing."},
     )
     dtype: str | None = field(
         default=None,
@@ -233,8 +239,9 @@ def flag_parser(*types, prog: str | None = None) -> HfArgumentParser:
 
 
 def model_label(model_args) -> str:
-    """The model as reports name it: the checkpoint's name (its last path part), else the model type trained from scratch."""
-    checkpoint = (model_args.model_name_or_path or "").rstrip("/")
+    """The model as reports name it: the checkpoint's or the config's name (its last path part), else the model
+    type trained from scratch."""
+    checkpoint = (model_args.model_name_or_path or model_args.config_name or "").rstrip("/")
     return os.path.basename(checkpoint) or checkpoint or model_args.model_type or "unknown"
 
 
@@ -267,7 +274,12 @@ def parse_args(*task_dataclasses, command: Command | None = None):
     """
     command = command or Command.of_process()
     parser = flag_parser(ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments, prog=command.name)
-    values = command.flag_file_values() if command.flag_file else vars(parser.parse_args(command.args))
+    if command.flag_file:
+        values, environ = translate_values(command.flag_file_values())
+    else:
+        flags, environ = translate_flags(list(command.args))  # 4.x flags as today's (utils/flags/legacy.py)
+        values = vars(parser.parse_args(flags))
+    os.environ.update(environ)
     device = setup_device(use_cpu=bool(values.get("use_cpu")))
     for name, value in training_defaults(device).items():
         if values.get(name) is None or name == "use_cpu":

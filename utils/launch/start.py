@@ -4,6 +4,7 @@
 """
 
 import logging
+import os
 import sys
 
 import datasets
@@ -29,6 +30,8 @@ def setup_logging(training_args) -> None:
     level = training_args.get_process_log_level()
     logging.getLogger("utils").setLevel(level)
     logging.getLogger("__main__").setLevel(level)
+    # The recipe's module-level logger when it is imported rather than run (run_clm.main() in a test).
+    logging.getLogger(os.path.splitext(Command.of_process().name)[0]).setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()

@@ -4,6 +4,7 @@ import logging
 import math
 import os
 
+import huggingface_hub.constants
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors import SafetensorError
@@ -13,6 +14,11 @@ from transformers import AutoConfig, AutoTokenizer, CONFIG_MAPPING
 from utils.errors import UsageError
 
 logger = logging.getLogger(__name__)
+
+# The from-scratch way that needs nothing from the hub: the tokenizers bundled in data/tokenizers.
+OFFLINE_FROM_SCRATCH = ("--model_type gpt2 --tokenizer_name data/tokenizers/gpt2 (run_clm.py), --model_type roberta "
+                        "--tokenizer_name data/tokenizers/roberta-base (run_mlm.py), --tokenizer_name "
+                        "data/tokenizers/xlnet-base-cased (run_plm.py)")
 
 # Models whose position ids start after the padding index, so two positions are not usable.
 _OFFSET_POSITIONS = {"roberta", "camembert", "xlm-roberta", "xlm-roberta-xl", "longformer", "data2vec-text",
@@ -51,12 +57,22 @@ def load_config(model_args, model_class):
         config = _from_pretrained(AutoConfig, source, flag, model_args)
     else:
         choices = supported_model_types(model_class)
+        if not model_args.model_type and len(choices) == 1:
+            # A script of one architecture (run_plm.py: XLNet) builds it, as the Hugging Face examples do.
+            logger.warning("No model, config or --model_type given: training a new %s model from scratch "
+                           "(%s defaults)", choices[0], model_class.config_class.__name__)
+            return _apply_overrides(model_class.config_class(), model_args, model_class)
         if not model_args.model_type:
-            raise UsageError("no model: pass --model_name_or_path, --config_name, or --model_type to train from scratch")
+            raise UsageError("no model: pass --model_name_or_path, --config_name, or --model_type to train from "
+                             f"scratch (offline, e.g. {OFFLINE_FROM_SCRATCH})")
         if model_args.model_type not in choices or model_args.model_type not in CONFIG_MAPPING:
             raise UsageError(f"--model_type {model_args.model_type}: not supported here; choose one of {', '.join(choices)}")
         config = CONFIG_MAPPING[model_args.model_type]()
         logger.warning("Training a new %s model from scratch", model_args.model_type)
+    return _apply_overrides(config, model_args, model_class)
+
+
+def _apply_overrides(config, model_args, model_class):
     if model_args.config_overrides:
         pairs = model_args.config_overrides.split(",")
         if not all("=" in pair for pair in pairs):
@@ -145,9 +161,18 @@ def _from_pretrained(loader, source: str, flag: str, model_args, **kwargs):
         raise UsageError(f"{flag} {source}: its weights file is damaged (cut short while copying or downloading?): "
                          f"{err}; copy or download it again") from None
     except (OSError, ValueError) as err:
-        hint = " (HF_HUB_OFFLINE is set, so only local folders work)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        if _offline():
+            hint = (" (HF_HUB_OFFLINE is set, so only local folders work; to train from scratch instead: "
+                    f"{OFFLINE_FROM_SCRATCH})")
+        else:
+            hint = "" if looks_local else f" (without hub access, train from scratch instead: {OFFLINE_FROM_SCRATCH})"
         message = " ".join(str(err).split())[:300]
         raise UsageError(f"{flag} {source}: cannot load it{hint}: {message}") from None
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE is set (read now: a test or a wrapper may set it after huggingface_hub was imported)."""
+    return huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true")
 
 
 def model_max_length(tokenizer, config) -> int | None:

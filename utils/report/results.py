@@ -87,7 +87,8 @@ def results_cells(output_dir: str) -> dict | None:
         return None
     info, results = run
     return {
-        "model": info.get("model") or config_model_label(output_dir),
+        # Not known at the start (run_plm.py given no model builds XLNet): the saved config says.
+        "model": info.get("model") if info.get("model") not in (None, "unknown") else config_model_label(output_dir),
         "devices": info.get("devices", "n/a"),
         "Acc": format_number(results.get("eval_accuracy"), ".4f"),
         "FPS": format_number(fps_of(results), ".1f"),

@@ -60,14 +60,15 @@ class LMTrainer(Trainer):
                  run: RunFolder | None = None, **kwargs):
         training_args = kwargs["args"]
         training_args.batch_eval_metrics = True
-        training_args.prediction_loss_only = False
         set_find_unused_parameters(training_args, kwargs.get("model"), kwargs.get("data_collator"),
                                    kwargs.get("train_dataset"))  # before the Trainer sets up DDP
         if training_args.device.type == "cpu":
             # Pinned memory only speeds up copies to an accelerator; on the CPU torch just warns.
             training_args.dataloader_pin_memory = False
-        super().__init__(*args, compute_metrics=accuracy, preprocess_logits_for_metrics=accuracy.preprocess_logits,
-                         **kwargs)
+        # --prediction_loss_only: the loss (and perplexity) alone, as in the Hugging Face examples; no logits kept.
+        metrics = {} if training_args.prediction_loss_only else {
+            "compute_metrics": accuracy, "preprocess_logits_for_metrics": accuracy.preprocess_logits}
+        super().__init__(*args, **metrics, **kwargs)
         self.accuracy = accuracy
         self.run = run
         self.checkpoint_staging: str | None = None  # set while a checkpoint is written (utils/train/checkpointing.py)
