@@ -8,6 +8,7 @@ import logging
 import os
 
 import datasets
+import xxhash
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from utils.errors import UsageError
@@ -20,6 +21,7 @@ BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json"
 # heap fragmented, so a process's peak memory grew with the corpus (by 150 MB from WikiText-2 x1 to
 # x10); at 1 MiB it stays flat, and loading is no slower. The rows are the same lines either way.
 TEXT_CHUNK_BYTES = 1 << 20
+HASH_CHUNK_BYTES = 8 << 20  # read size for the content digest of the input files
 
 
 def load_raw_datasets(model_args, data_args) -> DatasetDict | IterableDatasetDict:
@@ -63,6 +65,11 @@ def _load_files(model_args, data_args):
         )
     builder = next(iter(kinds.values()))
     extra = {"keep_linebreaks": data_args.keep_linebreaks, "chunksize": TEXT_CHUNK_BYTES} if builder == "text" else {}
+    if not data_args.streaming:
+        # datasets keys its copy of local files by path and mtime only: a same-size edit that kept the
+        # mtime (cp -p, rsync -t, tar) would be served stale. The content digest is part of its config
+        # id, hence of the rows' fingerprint and of our tokenized-cache key (utils/data/prepare.py).
+        extra["description"] = "content " + content_digest([path for _, path in files.values()])
     try:
         return load_dataset(
             builder,
@@ -75,6 +82,17 @@ def _load_files(model_args, data_args):
     except Exception as err:  # the builders raise many kinds of parse errors
         names = " / ".join(f"{flag} {path}" for flag, path in files.values())
         raise UsageError(f"{names}: cannot be read as {builder}: {_first_line(err)}") from None
+
+
+def content_digest(paths: list[str]) -> str:
+    """A fast (xxh3-128) hash of the bytes of ``paths``, in order."""
+    digest = xxhash.xxh3_128()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        digest.update(b"\0" + os.fsencode(path) + b"\0")
+    return digest.hexdigest()
 
 
 def _check_text_file(flag: str, path: str) -> str:
