@@ -129,6 +129,14 @@ def given_checkpoint(path: str) -> str:
         return path
     if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
         raise UsageError(f"--resume_from_checkpoint {path} is damaged: {problem}")
+    if not any(name.startswith("optimizer") for name in os.listdir(path)):
+        # A final model (a finished run's folder): the Trainer would load its weights and silently
+        # start the optimizer and the learning-rate schedule afresh.
+        inside = newest_complete_checkpoint(path, quiet=True) if os.path.isdir(path) else None
+        use = f"pass its {inside} to resume that run" if inside else "pass a checkpoint-N folder to resume"
+        raise UsageError(
+            f"--resume_from_checkpoint {path} is not a checkpoint (it holds no optimizer state, so the optimizer and "
+            f"schedule would start afresh): {use}, or --model_name_or_path {path} to start a new run from its model")
     # Written by another program or an older version of this suite: the user vouches for it.
     logger.warning("--resume_from_checkpoint %s has no completion marker; using it as asked", path)
     return path
