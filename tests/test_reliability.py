@@ -197,6 +197,7 @@ def test_explicit_checkpoint_is_checked(tmp_path):
     with pytest.raises(UsageError, match="is damaged: model.safetensors is missing"):
         checkpoint_to_resume(args_for(tmp_path / "out", resume_from_checkpoint=str(damaged)))
     unmarked = fake_checkpoint(tmp_path / "other", 3, complete=False)  # e.g. from plain transformers
+    (unmarked / "optimizer.pt").write_bytes(b"state")
     assert checkpoint_to_resume(args_for(tmp_path / "out", resume_from_checkpoint=str(unmarked))) == str(unmarked)
 
 

@@ -98,11 +98,12 @@ def evaluate_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
     if n_samples is not None:
         metrics["eval_samples"] = n_samples
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    if trainer.is_world_process_zero():
-        # An evaluation-only run started no training to write it.
-        write_run_info(trainer.args.output_dir, trainer.describe_run(), overwrite=False)
-        write_model_card(trainer.args.output_dir)  # now with the evaluation metrics too
+    with run_guard(trainer):  # a full disk: one line, and the rerun evaluates again
+        trainer.save_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            # An evaluation-only run started no training to write it.
+            write_run_info(trainer.args.output_dir, trainer.describe_run(), overwrite=False)
+            write_model_card(trainer.args.output_dir)  # now with the evaluation metrics too
     return metrics
 
 
