@@ -171,7 +171,8 @@ def test_resume_takes_the_newest_complete_checkpoint_and_says_what_it_skipped(tm
     with caplog.at_level(logging.WARNING, logger="utils"):
         assert checkpoint_to_resume(args_for(out)) == str(good)
     assert "checkpoint-6: no checkpoint_complete.json" in caplog.text
-    assert "checkpoint-8: model.safetensors has 10 bytes, not the 100" in caplog.text
+    assert "checkpoint-8 is damaged (model.safetensors has 10 bytes, not the 100" in caplog.text
+    assert (out / "damaged-checkpoint-8" / "model.safetensors").read_bytes() == b"x" * 10  # moved aside, kept
 
 
 def test_leftovers_of_a_run_killed_before_its_first_checkpoint_do_not_block_it(tmp_path):
@@ -196,6 +197,7 @@ def test_explicit_checkpoint_is_checked(tmp_path):
     with pytest.raises(UsageError, match="is damaged: model.safetensors is missing"):
         checkpoint_to_resume(args_for(tmp_path / "out", resume_from_checkpoint=str(damaged)))
     unmarked = fake_checkpoint(tmp_path / "other", 3, complete=False)  # e.g. from plain transformers
+    (unmarked / "optimizer.pt").write_bytes(b"state")
     assert checkpoint_to_resume(args_for(tmp_path / "out", resume_from_checkpoint=str(unmarked))) == str(unmarked)
 
 

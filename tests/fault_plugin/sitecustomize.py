@@ -13,6 +13,7 @@ only. Events, at the end of optimizer step STEP unless said otherwise:
 * ``kill``: SIGKILL to this process, in the first attempt only (under torchrun --max-restarts the
   restarted processes go on).
 * ``kill_in_save``: SIGKILL while checkpoint-STEP is written, after its files, before it is published.
+* ``kill_after_save``: SIGKILL just after checkpoint-STEP is published (and rotated).
 * ``nan_loss``: the model's loss is NaN in step STEP.
 * ``wait``: touch ``OUTPUT_DIR/reached-STEP-RANK``, then wait (up to 5 minutes) until the run
   receives SIGTERM or SIGINT, so that a test can signal it at a known step.
@@ -114,7 +115,16 @@ def _install(trainer_module):
 
     trainer_module.LMTrainer.__init__ = init
 
-    original_publish = checkpointing.publish
+    original_publish, original_rotate = checkpointing.publish, checkpointing.rotate
+
+    def rotate(run_dir, *args):
+        original_rotate(run_dir, *args)
+        newest = max((int(name.rsplit("-", 1)[1]) for name in os.listdir(run_dir)
+                      if name.startswith("checkpoint-")), default=None)
+        if planned_faults().get("kill_after_save") == newest:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpointing.rotate = rotate
 
     def publish(staged, final):
         step = int(final.rsplit("-", 1)[1])

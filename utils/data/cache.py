@@ -14,6 +14,7 @@ import socket
 import tempfile
 
 import datasets
+import pyarrow as pa
 from datasets import Dataset
 
 from utils.data.arrow_files import whole_file, write_rows
@@ -33,10 +34,13 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
     root = tokenized_cache_root(cache_dir)
     path = os.path.join(root, recipe.key(source, max_samples))
     if os.path.isdir(path) and not overwrite:
-        logger.info("Reusing tokenized data from %s", path)
-        return Dataset.from_file(os.path.join(path, SAMPLES_FILE))
-    logger.info("Tokenizing (from %d rows of text)%s; caching the result in %s", len(rows),
-                " again (--overwrite_cache)" if overwrite else "", path)
+        cached = _read_entry(path)
+        if cached is not None:
+            return cached
+        why = " again (the cached entry is damaged)"
+    else:
+        why = " again (--overwrite_cache)" if overwrite else ""
+    logger.info("Tokenizing (from %d rows of text)%s; caching the result in %s", len(rows), why, path)
     os.makedirs(root, exist_ok=True)
     _remove_dead_builds(root)
     with tempfile.TemporaryDirectory(dir=root, prefix=f"{BUILD_PREFIX}{os.getpid()}@{socket.gethostname()}-") as workdir:
@@ -55,6 +59,18 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
             shutil.rmtree(path)
         os.replace(staging, path)
     return Dataset.from_file(os.path.join(path, SAMPLES_FILE))
+
+
+def _read_entry(path: str) -> Dataset | None:
+    """The cached samples, or None (with one line) when the entry cannot be read: it is then built again."""
+    try:
+        samples = Dataset.from_file(os.path.join(path, SAMPLES_FILE))
+    except (OSError, ValueError, pa.ArrowException) as err:  # truncated, emptied, not Arrow at all
+        logger.warning("The tokenized-data cache entry %s cannot be read (%s); tokenizing again", path,
+                       (str(err).strip().splitlines() or [type(err).__name__])[0])
+        return None
+    logger.info("Reusing tokenized data from %s", path)
+    return samples
 
 
 SAMPLES_FILE = "samples.arrow"  # an entry is a folder holding this one Arrow file

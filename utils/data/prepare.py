@@ -80,7 +80,7 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
             if max_samples is not None:
                 samples = samples.take(max_samples)
         else:
-            # For local files datasets' fingerprint follows the file's mtime, so edited text is a new key.
+            # For local files the fingerprint follows the files' bytes (utils/data/raw.py), so edited text is a new key.
             source = rows._fingerprint
             with training_args.main_process_first(desc=f"preparing the {split} split"):
                 samples = cached_samples(recipe, rows, source, max_samples, data_args.overwrite_cache, cache_dir)

@@ -9,6 +9,7 @@ import logging
 import os
 
 import datasets
+import xxhash
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from utils.errors import UsageError
@@ -26,6 +27,7 @@ BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json"
 # x10); at 1 MiB it stays flat, and loading is no slower. The rows are the same lines either way.
 TEXT_CHUNK_BYTES = 1 << 20
 READERS = os.sep + os.path.join("datasets", "packaged_modules") + os.sep  # where datasets' file readers live
+HASH_CHUNK_BYTES = 8 << 20  # read size for the content digest of the input files
 
 
 def load_raw_datasets(model_args, data_args) -> DatasetDict | IterableDatasetDict:
@@ -134,6 +136,11 @@ def _read_files(files: dict, model_args, data_args):
         )
     builder = next(iter(kinds.values()))
     extra = {"keep_linebreaks": data_args.keep_linebreaks, "chunksize": TEXT_CHUNK_BYTES} if builder == "text" else {}
+    if not data_args.streaming:
+        # datasets keys its copy of local files by path and mtime only: a same-size edit that kept the
+        # mtime (cp -p, rsync -t, tar) would be served stale. The content digest is part of its config
+        # id, hence of the rows' fingerprint and of our tokenized-cache key (utils/data/prepare.py).
+        extra["description"] = "content " + content_digest([path for _, path in kinds])
     try:
         return load_dataset(
             builder,
@@ -190,6 +197,17 @@ def file_being_read(err: BaseException) -> str | None:
             file = frames.tb_frame.f_locals.get("file", file)
         frames = frames.tb_next
     return file
+
+
+def content_digest(paths: list[str]) -> str:
+    """A fast (xxh3-128) hash of the bytes of ``paths``, in order."""
+    digest = xxhash.xxh3_128()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        digest.update(b"\0" + os.fsencode(path) + b"\0")
+    return digest.hexdigest()
 
 
 def _check_text_file(flag: str, path: str) -> str:

@@ -6,8 +6,13 @@ to disk, a marker listing every file and its size (``checkpoint_complete.json``)
 and only then is it renamed to ``OUTPUT_DIR/checkpoint-N``; old checkpoints are rotated out after
 that. A kill at any moment therefore leaves the previous checkpoints as they were, plus at most a
 ``tmp-`` folder that the next save removes. The marker also holds the run's id (``RunFolder``,
-utils/runs/folder.py) and a checksum of every small file. Resuming takes the newest checkpoint of
-the run whose marker matches its files and says which ones it skipped.
+utils/runs/folder.py) and a fast checksum (xxh3-128) of every file, taken in the same pass that
+flushes it to disk. Resuming takes the newest checkpoint of the run whose marker matches its
+files and says which ones it skipped; one whose files no longer match its marker (rotted, edited,
+truncated) is moved aside to ``damaged-checkpoint-N``, never deleted.
+
+Rotation goes by step number, and a checkpoint is renamed aside (``tmp-checkpoint-N-old``) before
+it is deleted, so a kill during the deletion leaves no half-deleted ``checkpoint-N`` to be counted.
 
 Every name inside a checkpoint folder, and of the folders themselves, is known here only.
 """
@@ -21,7 +26,8 @@ import os
 import re
 import shutil
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+import xxhash
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from utils.errors import UsageError
 from utils.files import fsync
@@ -34,7 +40,8 @@ STAGING_PREFIX = "tmp-"
 MODEL_STAGING = STAGING_PREFIX + "model"  # the final model while it is saved (utils/train/checkpointing.py)
 # Folders of a save that a kill cut off: a staged checkpoint, one moved aside, the final model's staging.
 LEFTOVER = re.compile(rf"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-\d+(-old)?|{re.escape(MODEL_STAGING)}")
-CHECKSUM_MAX_BYTES = 1 << 20  # files up to this size get a checksum in the marker (json, RNG states, ...)
+DAMAGED_PREFIX = "damaged-"  # a checkpoint whose files no longer match its marker, kept for a look
+HASH_CHUNK_BYTES = 8 << 20
 
 
 def checkpoint_name(step: int) -> str:
@@ -59,21 +66,41 @@ def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def newest_complete_checkpoint(output_dir: str, quiet: bool = False, run_id: str | None = None) -> str | None:
-    """The newest checkpoint (of run ``run_id``, when given) whose files match its marker; logs the ones skipped."""
+def newest_complete_checkpoint(output_dir: str, quiet: bool = False, run_id: str | None = None,
+                               move_damaged: bool = False) -> str | None:
+    """The newest checkpoint (of run ``run_id``, when given) whose files match its marker; logs the ones skipped.
+
+    With ``move_damaged`` (the process that writes the folder), a checkpoint that was complete
+    (it has its marker) but whose files no longer match it is moved aside, so that no later run
+    trips over it again.
+    """
     for _, path in checkpoint_dirs(output_dir):
-        problem = checkpoint_problem(path) or _other_run(path, run_id)
+        problem = _other_run(path, run_id) or checkpoint_problem(path)
         if problem is None:
             return path
-        if not quiet:
+        if move_damaged and os.path.isfile(os.path.join(path, COMPLETE_MARKER)) and _other_run(path, run_id) is None:
+            aside = _move_damaged(path)
+            logger.warning("%s is damaged (%s): moved to %s; resuming from an older checkpoint if one is intact",
+                           path, problem, aside)
+        elif not quiet:
             logger.warning("Skipping %s: %s", path, problem)
     return None
+
+
+def _move_damaged(path: str) -> str:
+    target, n = os.path.join(os.path.dirname(path), DAMAGED_PREFIX + os.path.basename(path)), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(os.path.dirname(path), f"{DAMAGED_PREFIX}{os.path.basename(path)}.{n}")
+    os.rename(path, target)
+    return target
 
 
 def checkpoint_problem(path: str) -> str | None:
     """Why the checkpoint in ``path`` cannot be resumed from, or None when it is complete."""
     try:
-        files = read_marker(path)["files"]
+        marker = read_marker(path)
+        files = marker["files"]
     except FileNotFoundError:
         return f"no {COMPLETE_MARKER} (cut off while being written, or written by another program)"
     except (OSError, ValueError, KeyError, TypeError):
@@ -84,7 +111,10 @@ def checkpoint_problem(path: str) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(file) != size:
             return f"{name} has {os.path.getsize(file)} bytes, not the {size} it was written with"
-    for name, digest in read_marker(path).get("sha256", {}).items():
+    for name, digest in marker.get("xxh3", {}).items():
+        if _xxh3(os.path.join(path, name)) != digest:
+            return f"{name} has changed since it was written (its checksum differs)"
+    for name, digest in marker.get("sha256", {}).items():  # markers of earlier versions: small files only
         if _sha256(os.path.join(path, name)) != digest:
             return f"{name} has changed since it was written (its checksum differs)"
     return None
@@ -99,6 +129,14 @@ def given_checkpoint(path: str) -> str:
         return path
     if os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
         raise UsageError(f"--resume_from_checkpoint {path} is damaged: {problem}")
+    if not any(name.startswith("optimizer") for name in os.listdir(path)):
+        # A final model (a finished run's folder): the Trainer would load its weights and silently
+        # start the optimizer and the learning-rate schedule afresh.
+        inside = newest_complete_checkpoint(path, quiet=True) if os.path.isdir(path) else None
+        use = f"pass its {inside} to resume that run" if inside else "pass a checkpoint-N folder to resume"
+        raise UsageError(
+            f"--resume_from_checkpoint {path} is not a checkpoint (it holds no optimizer state, so the optimizer and "
+            f"schedule would start afresh): {use}, or --model_name_or_path {path} to start a new run from its model")
     # Written by another program or an older version of this suite: the user vouches for it.
     logger.warning("--resume_from_checkpoint %s has no completion marker; using it as asked", path)
     return path
@@ -111,7 +149,10 @@ def read_marker(path: str) -> dict:
 
 def _other_run(path: str, run_id: str | None) -> str | None:
     """Why a complete checkpoint is not this run's; one written without an id is taken as it is."""
-    written_by = read_marker(path).get("run_id")
+    try:
+        written_by = read_marker(path).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None  # no readable marker: checkpoint_problem says so
     if run_id is None or written_by is None or written_by == run_id:
         return None
     return f"it belongs to an earlier run in this folder (run {written_by}, this run is {run_id})"
@@ -121,18 +162,19 @@ def _other_run(path: str, run_id: str | None) -> str | None:
 
 
 def write_marker(folder: str, step: int, run_id: str | None = None) -> None:
-    """Flush every file to disk, then list them with their sizes (and small ones' checksums) in the marker."""
+    """Flush every file to disk, then list them with their sizes and checksums in the marker.
+
+    Each file is read once, just after it was written (from the page cache), and hashed and
+    flushed in that one pass.
+    """
     files, checksums = {}, {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
-            fsync(path)
             relative = os.path.relpath(path, folder)
-            files[relative] = os.path.getsize(path)
-            if files[relative] <= CHECKSUM_MAX_BYTES:
-                checksums[relative] = _sha256(path)
+            checksums[relative], files[relative] = _xxh3(path, flush=True)
     marker = os.path.join(folder, COMPLETE_MARKER)
-    content = {"global_step": step, "run_id": run_id, "files": files, "sha256": checksums}
+    content = {"global_step": step, "run_id": run_id, "files": files, "xxh3": checksums}
     with open(marker, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=1)
         f.flush()
@@ -151,8 +193,33 @@ def publish(staged: str, final: str) -> None:
 
 
 def rotate(run_dir: str, save_total_limit: int | None, best: str | None) -> None:
-    """Once a new checkpoint is complete: drop the oldest beyond ``--save_total_limit`` (never the best)."""
-    rotate_checkpoints(run_dir, save_total_limit, best, use_mtime=True)
+    """Once a new checkpoint is complete: drop the oldest by step beyond ``--save_total_limit`` (never the best).
+
+    Each goes by a rename first, so a kill while deleting leaves a ``tmp-...-old`` folder that is
+    never counted as a checkpoint (and that the next save removes), not a half-deleted one.
+    """
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    order = [path for _, path in checkpoint_dirs(run_dir)]  # newest first
+    best = next((path for path in order if best is not None and os.path.abspath(path) == os.path.abspath(best)), None)
+    limit = save_total_limit
+    if best is not None and best != order[0]:
+        # As the Trainer does: the best one is kept next to the newest (so a limit of 1 keeps both).
+        order.remove(best)
+        order.insert(1, best)
+        limit = max(limit, 2)
+    keep = set(order[:limit])
+    for path in order:
+        if path not in keep:
+            logger.info("Deleting older checkpoint [%s] due to save_total_limit", path)
+            _delete(path)
+
+
+def _delete(path: str) -> None:
+    aside = _aside(path)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def clear_checkpoints(output_dir: str) -> None:
@@ -178,6 +245,18 @@ def remove_leftovers(run_dir: str) -> None:
 def _aside(path: str) -> str:
     """Where a checkpoint is moved before it is deleted or replaced; removed by ``remove_leftovers``."""
     return os.path.join(os.path.dirname(path), f"{STAGING_PREFIX}{os.path.basename(path)}-old")
+
+
+def _xxh3(path: str, flush: bool = False):
+    """The file's xxh3-128 digest; with ``flush``, also flushed to disk, and ``(digest, size)`` returned."""
+    digest, size = xxhash.xxh3_128(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+        if flush:
+            os.fsync(f.fileno())
+    return (digest.hexdigest(), size) if flush else digest.hexdigest()
 
 
 def _sha256(path: str) -> str:

@@ -159,7 +159,8 @@ class RunFolder:
             return given_checkpoint(args.resume_from_checkpoint)
         if self.start_over or not os.path.isdir(self.output_dir):
             return None
-        last = newest_complete_checkpoint(self.output_dir, run_id=self.state.run_id if self.recorded else None)
+        last = newest_complete_checkpoint(self.output_dir, run_id=self.state.run_id if self.recorded else None,
+                                          move_damaged=self.writes)
         if last is not None:
             # A folder without a record (checkpoints copied in, an older version): go on as that run.
             if not self.recorded:

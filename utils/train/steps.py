@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from transformers import TrainerState
+
 from utils.data.prepare import num_samples
 from utils.files import read_json
 from utils.model.metrics import TokenAccuracy, perplexity
@@ -52,22 +54,34 @@ def train_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
         return _trained_before(trainer)
     if run is not None:
         run.begin()  # the run's record in --output_dir; starting over, the old checkpoints go
-    with run_guard(trainer):  # unreadable streamed data, a full disk: one line, not a traceback
-        result = trainer.train(resume_from_checkpoint=run.checkpoint if run is not None else None)
-    stopped = stop_reason(trainer)  # preempted, or a non-finite loss: the checkpoints hold the work
-    if stopped is not None:
-        raise stopped  # no final model or results that would look like a finished run
-    with run_guard(trainer):
-        save_model_atomically(trainer)  # the tokenizer and config are saved with it
-    metrics = dict(result.metrics)
+    checkpoint = run.checkpoint if run is not None else None
+    last = _last_step_state(trainer, checkpoint)
+    if last is not None:
+        # A stop after the last checkpoint, before the results: only saving and reporting are left.
+        logger.info("%s holds the last step (%d): saving its model and results, training no further",
+                    checkpoint, last.global_step)
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = last
+        metrics = _metrics_of(last)
+        if trainer.is_world_process_zero():
+            write_run_info(trainer.args.output_dir, trainer.describe_run())  # as a training start writes it
+    else:
+        with run_guard(trainer):  # unreadable streamed data, a full disk: one line, not a traceback
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        stopped = stop_reason(trainer)  # preempted, or a non-finite loss: the checkpoints hold the work
+        if stopped is not None:
+            raise stopped  # no final model or results that would look like a finished run
+        metrics = dict(result.metrics)
+        metrics.update(trainer.speed.metrics(trainer.args, trainer.model))
     if n_samples is not None:
         metrics["train_samples"] = n_samples
-    metrics.update(trainer.speed.metrics(trainer.args, trainer.model))
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        write_model_card(trainer.args.output_dir)
+    with run_guard(trainer):  # a full disk while writing any of these: one line, the rerun saves again
+        save_model_atomically(trainer)  # the tokenizer and config are saved with it
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        if trainer.is_world_process_zero():
+            write_model_card(trainer.args.output_dir)
     if run is not None:
         run.mark(TRAINED)
     stop_after_training(trainer)
@@ -84,11 +98,38 @@ def evaluate_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
     if n_samples is not None:
         metrics["eval_samples"] = n_samples
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    if trainer.is_world_process_zero():
-        # An evaluation-only run started no training to write it.
-        write_run_info(trainer.args.output_dir, trainer.describe_run(), overwrite=False)
-        write_model_card(trainer.args.output_dir)  # now with the evaluation metrics too
+    with run_guard(trainer):  # a full disk: one line, and the rerun evaluates again
+        trainer.save_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            # An evaluation-only run started no training to write it.
+            write_run_info(trainer.args.output_dir, trainer.describe_run(), overwrite=False)
+            write_model_card(trainer.args.output_dir)  # now with the evaluation metrics too
+    return metrics
+
+
+def _last_step_state(trainer: LMTrainer, checkpoint: str | None) -> TrainerState | None:
+    """The checkpoint's Trainer state when it was saved at the run's last step, else None."""
+    if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        return None
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    target = trainer.args.max_steps if trainer.args.max_steps > 0 else state.max_steps
+    return state if target and state.global_step >= target else None
+
+
+def _metrics_of(state: TrainerState) -> dict:
+    """train_results.json's figures for a run that trained to its end before this start.
+
+    The mean training loss is rebuilt from the logged losses, each the mean over its logging
+    interval; there is no speed to report for a run that took no step now.
+    """
+    total, previous = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    metrics = {"epoch": state.epoch, "total_flos": state.total_flos}
+    if previous:
+        metrics["train_loss"] = total / previous
     return metrics
 
 

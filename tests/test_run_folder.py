@@ -1,0 +1,213 @@
+"""The run folder tells the truth: content-checked checkpoints and cache, rotation, reruns that do only what is left.
+
+Real tiny GPT-2 runs on WikiText-2 text, through the scripts as a user runs them; kills and full
+disks land at chosen points (tests/fault_plugin/, tests/full_disk.py).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, WIKI_TEST_RAW, read_json, run_script, with_faults
+from utils.runs.checkpoints import checkpoint_dirs, checkpoint_problem, rotate, write_marker
+
+RUN = ["--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+       "--max_train_samples", "12", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7"]
+
+
+def train(train_file, out, *extra, faults="", env=None):
+    return run_script("clm", *TINY["clm"], *RUN, *extra, "--train_file", train_file, "--do_train",
+                      "--output_dir", out, check=False, env={**with_faults(faults), **(env or {})})
+
+
+def log(process) -> str:
+    return process.stdout + process.stderr
+
+
+def flip_4k(path) -> None:
+    """4 KiB in the middle of the file inverted: same size, other bytes (bit rot, a bad copy)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(text_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "out"
+    process = train(text_files["train"], out)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------------------- reruns do only what is left
+
+
+def test_overwrite_into_a_finished_folder_with_another_learning_rate_trains_again(uninterrupted, text_files,
+                                                                                  tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "model.safetensors").read_bytes()
+    process = train(text_files["train"], out, "--overwrite_output_dir", "--learning_rate", "1e-3")
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "evaluating only" not in log(process)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert read_json(out / "trainer_state.json")["global_step"] == 4
+    assert read_json(out / "trainer_state.json")["log_history"][0]["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_a_kill_after_the_last_checkpoint_is_rerun_as_save_and_report(uninterrupted, text_files, tmp_path):
+    out = tmp_path / "out"
+    killed = train(text_files["train"], out, faults="kill_after_save@4")
+    assert killed.returncode == -9 or killed.returncode == 137, killed.stderr[-3000:]
+    assert not (out / "train_results.json").exists()
+    rerun = train(text_files["train"], out)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "training no further" in log(rerun)
+    steps = [entry["step"] for entry in read_json(out / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert max(steps) == 4  # never a step 5
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert read_json(out / "train_results.json")["train_loss"] == pytest.approx(
+        read_json(uninterrupted / "train_results.json")["train_loss"], abs=1e-6)
+    assert read_json(out / "run_state.json")["stage"] == "finished"
+
+
+def test_a_full_disk_on_the_results_is_one_line_and_the_rerun_only_saves(uninterrupted, text_files, tmp_path):
+    out = tmp_path / "out"
+    for blocked in ("train_results.json", "README.md"):
+        command = [sys.executable, str(ROOT / "tests" / "full_disk.py"), str(ROOT / "run_clm.py"), *TINY["clm"], *RUN,
+                   "--train_file", str(text_files["train"]), "--do_train", "--output_dir", str(out)]
+        full = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "FULL_DISK_AT": blocked})
+        assert full.returncode == 2, full.stderr[-3000:]
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: no space left on the disk of --output_dir") and "Traceback" not in full.stderr
+        assert read_json(out / "run_state.json")["stage"] == "training"
+    rerun = train(text_files["train"], out)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    steps = [entry["step"] for entry in read_json(out / "trainer_state.json")["log_history"] if "loss" in entry]
+    assert max(steps) == 4
+    assert read_json(out / "train_results.json")["train_loss"] == pytest.approx(
+        read_json(uninterrupted / "train_results.json")["train_loss"], abs=1e-6)
+
+
+def test_resume_from_a_finished_runs_folder_is_refused_with_one_line(uninterrupted, text_files, tmp_path):
+    process = train(text_files["train"], tmp_path / "new", "--resume_from_checkpoint", uninterrupted)
+    assert process.returncode == 2, process.stderr[-3000:]
+    assert process.stderr.strip().splitlines()[-1] == (
+        f"error: --resume_from_checkpoint {uninterrupted} is not a checkpoint (it holds no optimizer state, so the "
+        f"optimizer and schedule would start afresh): pass its {uninterrupted / 'checkpoint-4'} to resume that run, "
+        f"or --model_name_or_path {uninterrupted} to start a new run from its model")
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------- checkpoints keyed by their content
+
+
+def test_a_rotted_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_an_intact_one(text_files, tmp_path):
+    out = tmp_path / "out"
+    stopped = train(text_files["train"], out, "--max_steps", "6", faults="sigterm@4")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    weights = out / "checkpoint-4" / "model.safetensors"
+    size = weights.stat().st_size
+    flip_4k(weights)
+    rotted = weights.read_bytes()
+    rerun = train(text_files["train"], out, "--max_steps", "6")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    text = log(rerun)
+    assert f"{out / 'checkpoint-4'} is damaged (model.safetensors has changed since it was written" in text
+    assert f"Resuming from {out / 'checkpoint-2'}" in text
+    kept = out / "damaged-checkpoint-4" / "model.safetensors"
+    assert kept.stat().st_size == size and kept.read_bytes() == rotted  # moved aside, never deleted
+
+
+def test_a_corrupt_file_over_1_mib_is_caught(tmp_path):
+    path = tmp_path / "checkpoint-3"
+    path.mkdir()
+    (path / "optimizer.pt").write_bytes(os.urandom(3 << 20))
+    write_marker(str(path), 3)
+    assert checkpoint_problem(str(path)) is None
+    flip_4k(path / "optimizer.pt")
+    assert "optimizer.pt has changed since it was written" in (checkpoint_problem(str(path)) or "")
+
+
+def test_rotation_goes_by_step_not_by_mtime_and_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    now = time.time()
+    for step in (2, 4, 6, 8):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"w" * 64)
+        (path / "optimizer.pt").write_bytes(b"o" * 64)
+        write_marker(str(path), step)
+        os.utime(path, (now - step, now - step))  # the older the step, the newer its mtime (touched by a copy)
+    rotate(str(tmp_path), 2, None)
+    assert [step for step, _ in checkpoint_dirs(str(tmp_path))] == [8, 6]
+
+    # A kill in the middle of deleting checkpoint-6: the files it lost are not in a checkpoint-N folder.
+    import utils.runs.checkpoints as checkpoints
+
+    def killed_after_one_file(path, ignore_errors=False):
+        names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+        if names:
+            os.remove(os.path.join(path, names[0]))
+            raise KeyboardInterrupt  # stands for the SIGKILL
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed_after_one_file)
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"n" * 64)
+    write_marker(str(tmp_path / "checkpoint-10"), 10)
+    with pytest.raises(KeyboardInterrupt):
+        rotate(str(tmp_path), 2, None)
+    left = checkpoint_dirs(str(tmp_path))
+    assert [step for step, _ in left] == [10, 8]
+    assert all(checkpoint_problem(path) is None for _, path in left)
+
+
+# ---------------------------------------------------------------------------- the cache keyed by the input bytes
+
+
+def same_size_edit(path) -> None:
+    """Other text of the same size, with the old mtime (as cp -p, rsync -t or tar leave it)."""
+    stat = path.stat()
+    text = path.read_text(encoding="utf-8")
+    edited = text.replace(" the ", " THE ")
+    assert len(edited.encode()) == len(text.encode()) and edited != text
+    path.write_text(edited, encoding="utf-8")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_same_size_same_mtime_edit_is_tokenized_again(tmp_path):
+    train_file = tmp_path / "train.txt"
+    lines = WIKI_TEST_RAW.read_text(encoding="utf-8").splitlines(keepends=True)
+    train_file.write_text("".join(lines[:700]), encoding="utf-8")
+    home = {"HF_HOME": str(tmp_path / "hf")}
+    first = train(train_file, tmp_path / "a", "--max_steps", "2", env=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    same_size_edit(train_file)
+    edited = train(train_file, tmp_path / "b", "--max_steps", "2", env=home)
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    assert "Reusing tokenized data" not in log(edited)
+    # Independent: the edited text in a cache of its own, never seen the old text.
+    fresh = train(train_file, tmp_path / "c", "--max_steps", "2", env={"HF_HOME": str(tmp_path / "fresh")})
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in "abc"}
+    assert weights["b"] == weights["c"] != weights["a"]
+
+
+def test_a_truncated_cache_entry_is_rebuilt_by_itself(text_files, tmp_path):
+    home = {"HF_HOME": str(tmp_path / "hf")}
+    first = train(text_files["train"], tmp_path / "a", "--max_steps", "1", env=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [entry] = (tmp_path / "hf").rglob("samples.arrow")
+    size = entry.stat().st_size
+    os.truncate(entry, size // 2)
+    again = train(text_files["train"], tmp_path / "b", "--max_steps", "1", env=home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert log(again).count("cannot be read") == 1 and "tokenizing again" in log(again)
+    assert entry.stat().st_size == size
+    third = train(text_files["train"], tmp_path / "c", "--max_steps", "1", env=home)
+    assert third.returncode == 0 and "Reusing tokenized data" in log(third)
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
