@@ -111,6 +111,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_files, tmp_path)
     assert not (out / "model.safetensors").exists()
 
 
+def test_train_loss_after_kill_and_resume_is_the_uninterrupted_runs(uninterrupted, text_files, tmp_path):
+    # The running loss sum travels in the checkpoint: the mean covers steps 1-8, not only those after the resume.
+    out = tmp_path / "out"
+    assert train("clm", text_files, out, "kill@5").returncode == -signal.SIGKILL  # checkpoint-4 is the newest
+    process = train("clm", text_files, out)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-4'}" in process.stdout + process.stderr
+    expected = read_json(uninterrupted / "train_results.json")["train_loss"]
+    assert read_json(out / "train_results.json")["train_loss"] == pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [None, "64"])
 def test_nan_embeddings_stop_the_run_with_or_without_the_chunked_loss(text_files, tmp_path, chunk):
     # The guard must watch the loss training computes: --loss_chunk_size computes it without the model's output loss.
