@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import QUICK, ROOT, TOKENIZERS, free_port, read_json, run_script
+from conftest import QUICK, ROOT, TOKENIZERS, free_port, read_json, run_script, with_faults
 
 
 def _tiny_gpt2(block: int) -> list[str]:
@@ -82,3 +83,27 @@ def test_two_process_eval_loss_is_the_saved_models_own(text_files, tmp_path):
     results = read_json(out / "eval_results.json")
     assert results["eval_samples"] == len(blocks) == 432
     assert results["eval_loss"] == pytest.approx(_own_loss(out, blocks), abs=1e-4)
+
+
+def test_one_seed_gives_one_start_in_every_precision(text_files, tmp_path):
+    # Learning rate 0: the saved weights are the initial ones (under fp16 O2 the masters start from the fp16
+    # copies, so those are the initial weights rounded to fp16, bit for bit). The first step's loss
+    # in fp16 O2 is fp32's up to fp16's rounding only if the weights and the first batch are the same.
+    # The CPU is made to report no half-precision units, so the half runs time a matmul for their hint.
+    results = {}
+    for name, flags in {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16", "--fp16_opt_level", "O2"]}.items():
+        out = tmp_path / name
+        process = run_script("clm", *_tiny_gpt2(32), *QUICK, "--max_steps", "1", "--learning_rate", "0",
+                             "--logging_steps", "1", "--train_file", text_files["train"],
+                             "--validation_file", text_files["valid"], "--do_train", *flags, "--output_dir", out,
+                             env=with_faults("no_half_units", ROOT))
+        assert ("matmul took" in process.stdout + process.stderr) == bool(flags)
+        first = next(e for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e)
+        results[name] = (load_file(out / "model.safetensors"), first["loss"])
+    weights, loss = results["fp32"]
+    for name in ("bf16", "fp16"):
+        assert results[name][0].keys() == weights.keys()
+        for key, tensor in weights.items():
+            got = results[name][0][key].float()
+            assert got.equal(tensor) or got.equal(tensor.half().float()), (name, key)
+    assert results["fp16"][1] == pytest.approx(loss, abs=2e-4)

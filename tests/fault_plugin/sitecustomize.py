@@ -18,6 +18,8 @@ only. Events, at the end of optimizer step STEP unless said otherwise:
   whether the model or ``--loss_chunk_size`` computes it).
 * ``wait``: touch ``OUTPUT_DIR/reached-STEP-RANK``, then wait (up to 5 minutes) until the run
   receives SIGTERM or SIGINT, so that a test can signal it at a known step.
+* ``no_half_units``: the CPU reports no half-precision matrix units (STEP is ignored), so the start of
+  a ``--fp16``/``--bf16`` run times a matmul for its precision hint.
 * ``sigterm_after_last_step``: SIGTERM once the last step is done (STEP is ignored), while the
   Trainer is still wrapping up training.
 """
@@ -110,7 +112,11 @@ def _nan_loss(module, inputs, outputs):
 
 
 def _install(trainer_module):
+    import utils.launch.cpu as cpu
     import utils.train.checkpointing as checkpointing
+
+    if "no_half_units" in planned_faults():
+        cpu.cpu_flags = lambda: set()
 
     callback_class = _make_callback_class()
     original_init = trainer_module.LMTrainer.__init__
