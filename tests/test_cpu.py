@@ -85,3 +85,22 @@ def test_a_run_says_it_at_start(text_files, tmp_path):
     log = process.stdout + process.stderr
     assert "This CPU has bf16 matrix units" in log
     assert "Allocator: freed memory is kept for reuse" in log
+
+
+@pytest.mark.parametrize("precision", [{"fp16": True}, {"bf16": True}])
+def test_the_hint_draws_nothing_from_the_seeded_generators(precision):
+    # On a CPU without half-precision units the hint times a matmul; the seed's draws must not move.
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import set_seed
+
+    def draws():
+        return torch.randn(8).tolist(), np.random.rand(3).tolist(), random.random()
+
+    set_seed(7)
+    expected = draws()
+    set_seed(7)
+    assert cpu.precision_hint(_args(**precision), flags=set()) is not None  # the timed matmul ran
+    assert draws() == expected

@@ -111,6 +111,45 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_files, tmp_path)
     assert not (out / "model.safetensors").exists()
 
 
+def test_train_loss_after_kill_and_resume_is_the_uninterrupted_runs(uninterrupted, text_files, tmp_path):
+    # The running loss sum travels in the checkpoint: the mean covers steps 1-8, not only those after the resume.
+    out = tmp_path / "out"
+    assert train("clm", text_files, out, "kill@5").returncode == -signal.SIGKILL  # checkpoint-4 is the newest
+    process = train("clm", text_files, out)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-4'}" in process.stdout + process.stderr
+    expected = read_json(uninterrupted / "train_results.json")["train_loss"]
+    assert read_json(out / "train_results.json")["train_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, "64"])
+def test_nan_embeddings_stop_the_run_with_or_without_the_chunked_loss(text_files, tmp_path, chunk):
+    # The guard must watch the loss training computes: --loss_chunk_size computes it without the model's output loss.
+    out = tmp_path / "out"
+    extra = ["--loss_chunk_size", chunk] if chunk else []
+    process = train("clm", text_files, out, "nan_embeddings@3", *extra, "--max_steps", "6", eval_too=False)
+    assert process.returncode == 3, process.stderr[-3000:]
+    line = last_line(process)
+    assert line.startswith("error: non-finite loss") and "at step 3" in line and "checkpoint-2" in line
+    assert not (out / "model.safetensors").exists()
+    saved = list(out.rglob("*.safetensors"))
+    assert saved  # checkpoint-2's weights
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(path).values()), path
+
+
+def test_a_skipped_step_is_reported_as_skipped_and_left_out_of_the_mean(text_files, tmp_path):
+    out = tmp_path / "out"
+    process = train("clm", text_files, out, "nan_loss@2", "--on_nonfinite_loss", "skip", "--max_steps", "4",
+                    eval_too=False)
+    assert process.returncode == 0, process.stderr[-3000:]
+    logs = {e["step"]: e for e in read_json(out / "trainer_state.json")["log_history"] if "learning_rate" in e}
+    assert "loss" not in logs[2] and logs[2]["skipped_steps"] == 1  # not a loss of 0.0
+    taken = [logs[step]["loss"] for step in (1, 3, 4)]
+    assert all(loss > 5 for loss in taken)
+    assert read_json(out / "train_results.json")["train_loss"] == pytest.approx(sum(taken) / 3, rel=1e-6)
+
+
 def test_nan_loss_skip_drops_that_update_and_goes_on(text_files, tmp_path):
     out = tmp_path / "out"
     process = train("clm", text_files, out, "nan_loss@4", "--on_nonfinite_loss", "skip", eval_too=False)

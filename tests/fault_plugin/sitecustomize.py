@@ -15,8 +15,12 @@ only. Events, at the end of optimizer step STEP unless said otherwise:
 * ``kill_in_save``: SIGKILL while checkpoint-STEP is written, after its files, before it is published.
 * ``kill_after_save``: SIGKILL just after checkpoint-STEP is published (and rotated).
 * ``nan_loss``: the model's loss is NaN in step STEP.
+* ``nan_embeddings``: the input embeddings give NaN from step STEP on (every loss after them is NaN,
+  whether the model or ``--loss_chunk_size`` computes it).
 * ``wait``: touch ``OUTPUT_DIR/reached-STEP-RANK``, then wait (up to 5 minutes) until the run
   receives SIGTERM or SIGINT, so that a test can signal it at a known step.
+* ``no_half_units``: the CPU reports no half-precision matrix units (STEP is ignored), so the start of
+  a ``--fp16``/``--bf16`` run times a matmul for its precision hint.
 * ``sigterm_after_last_step``: SIGTERM once the last step is done (STEP is ignored), while the
   Trainer is still wrapping up training.
 """
@@ -62,6 +66,10 @@ def _make_callback_class():
             if self.faults.get("nan_loss") == state.global_step + 1 and model is not None:
                 # Prepended, so that the loss watcher's hook sees the NaN as it would a real one.
                 self._nan_hook = model.register_forward_hook(_nan_loss, prepend=True)
+            start = self.faults.get("nan_embeddings")
+            if start is not None and state.global_step + 1 >= start and model is not None:
+                model.get_input_embeddings().register_forward_hook(_nan_output)
+                del self.faults["nan_embeddings"]  # the hook stays for the rest of the run
 
         def on_step_end(self, args, state, control, **kwargs):
             if self._nan_hook is not None:
@@ -94,6 +102,10 @@ def _make_callback_class():
     return FaultInjectionCallback
 
 
+def _nan_output(module, inputs, output):
+    return output * float("nan")
+
+
 def _nan_loss(module, inputs, outputs):
     if module.training and outputs.get("loss") is not None:
         outputs["loss"] = outputs["loss"] * float("nan")
@@ -101,7 +113,11 @@ def _nan_loss(module, inputs, outputs):
 
 
 def _install(trainer_module):
+    import utils.launch.cpu as cpu
     import utils.train.checkpointing as checkpointing
+
+    if "no_half_units" in planned_faults():
+        cpu.cpu_flags = lambda: set()
 
     callback_class = _make_callback_class()
     original_init = trainer_module.LMTrainer.__init__

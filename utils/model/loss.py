@@ -18,12 +18,14 @@ def _loss_uses_num_items(model) -> bool:
         return True  # no source to read: trust the model
 
 
-def weigh_loss_by_num_items(model) -> None:
+def weigh_loss_by_num_items(model, shift: bool = False) -> None:
     """Make a mean loss that ignores ``num_items_in_batch`` exact under gradient accumulation.
 
     Heads that compute a plain mean cross-entropy (RoBERTa's and BERT's masked-LM heads, XLNet's)
     ignore the count, which multiplied their gradients by the accumulation steps. Their mean over
     this micro-batch's labelled tokens becomes its share of the whole batch's sum instead.
+    ``shift``: a causal LM, whose first label in each row predicts nothing (the count skips it,
+    as the Trainer's ``num_items_in_batch`` does).
     """
     if _loss_uses_num_items(model):
         return
@@ -33,7 +35,8 @@ def weigh_loss_by_num_items(model) -> None:
         loss = output.get("loss") if isinstance(output, dict) else None
         if total is None or labels is None or loss is None:
             return None
-        output["loss"] = loss.float() * (labels.ne(IGNORE_INDEX).sum() / total)
+        scored = labels[..., 1:] if shift else labels
+        output["loss"] = loss.float() * (scored.ne(IGNORE_INDEX).sum() / total)
         return output
 
     model.register_forward_hook(rescale, with_kwargs=True)

@@ -137,39 +137,26 @@ def drop_update(model, optimizer) -> None:
 class NonFiniteLossCallback(TrainerCallback):
     """Watches the training loss; on NaN/inf drops the step's update, then stops or skips.
 
-    The loss is read from the model's output by a forward hook (so no Trainer method is
-    overridden) and kept on the device; it is looked at once per optimizer step, in
+    The loss is the one training computes (chunked or not), as ``tally`` (utils/train/loss_tally.py)
+    saw each micro-batch's; its verdict is looked at once per optimizer step, in
     ``on_pre_optimizer_step``. On CPU that is free. On a GPU/NPU it is one sync per
     optimizer step; the Trainer's default ``--logging_nan_inf_filter`` already syncs on the
     loss of every micro-batch, so it adds nothing noticeable there. ``scaler_skips``: the run's
     loss scaler skips such steps itself (fp16 with a dynamic scale), and this one stays idle.
     """
 
-    def __init__(self, policy: str = "stop", scaler_skips: bool = False):
+    def __init__(self, tally, policy: str = "stop", scaler_skips: bool = False):
+        self.tally = tally
         self.policy = policy
         self.scaler_skips = scaler_skips
         self.bad_step: int | None = None  # the step that stopped training (policy stop)
         self.skipped_steps: list[int] = []  # steps whose update was skipped (policy skip)
-        self._nonfinite = None  # device bool: a non-finite loss since the last optimizer step
-        self._hook = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.bad_step, self.skipped_steps, self._nonfinite = None, [], None
-        if model is not None and self._hook is None and not self.scaler_skips:
-            self._hook = model.register_forward_hook(self._observe)
-
-    def _observe(self, module, inputs, outputs):
-        loss = outputs.get("loss") if isinstance(outputs, dict) else None
-        if module.training and isinstance(loss, torch.Tensor):
-            bad = ~torch.isfinite(loss.detach()).all()  # stays on the device: no sync here
-            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bad_step, self.skipped_steps = None, []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self._hook is None:
-            return
-        bad = self._nonfinite is not None and bool(self._nonfinite.item())
-        self._nonfinite = None
-        if not any_process(bad, args.device):
+        if self.scaler_skips or not self.tally.step_is_bad(args.device):
             return
         step = state.global_step + 1  # global_step counts finished steps
         drop_update(model, optimizer)
@@ -186,11 +173,6 @@ class NonFiniteLossCallback(TrainerCallback):
             control.should_evaluate = False
 
     on_epoch_end = on_step_end
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
 
 # ---------------------------------------------------------------------------- loaders

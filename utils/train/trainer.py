@@ -16,6 +16,7 @@ from utils.report.run_info import ReportCallback, run_info
 from utils.report.speed import SpeedCallback
 from utils.runs.folder import RunFolder
 from utils.train.checkpointing import save_checkpoint
+from utils.train.loss_tally import STATE_KEY, LossTally
 from utils.train.precision import MixedPrecision
 from utils.train.sharding import setup_sharding
 from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_in_own_group
@@ -38,6 +39,7 @@ class LMTrainer(Trainer):
     ``_get_grad_norm``
     ``_save``                       fp32 weights from the masters                utils/train/precision.py
     ``compute_loss``                ``--loss_chunk_size``                        utils/model/chunked_loss.py
+    ``training_step``, ``train``    non-finite steps out of the reported loss    utils/train/loss_tally.py
     ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
     ``evaluation_loop``             streaming accuracy, perplexity               utils/model/metrics.py
     ``get_train_dataloader``,       loader workers out of the process group      utils/train/stops.py
@@ -69,6 +71,9 @@ class LMTrainer(Trainer):
         metrics = {} if training_args.prediction_loss_only else {
             "compute_metrics": accuracy, "preprocess_logits_for_metrics": accuracy.preprocess_logits}
         super().__init__(*args, **metrics, **kwargs)
+        # The loss counts the positions it predicts: a causal LM's first label predicts nothing. The
+        # Trainer knows that only for models whose loss_type is causal (GPT-2's is unset).
+        self._loss_shifts_labels = accuracy.shift
         self.accuracy = accuracy
         self.run = run
         self.checkpoint_staging: str | None = None  # set while a checkpoint is written (utils/train/checkpointing.py)
@@ -79,12 +84,13 @@ class LMTrainer(Trainer):
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
                                                  shift=accuracy.shift)
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
-            weigh_loss_by_num_items(self.model)
+            weigh_loss_by_num_items(self.model, shift=accuracy.shift)
         # tokens_per_sample: mean tokens in a training sample (the block size when packed), for tokens/s and MFU.
         self.speed = SpeedCallback(self.args.fps_warmup_steps, tokens_per_sample, device_name(self.args.device.type))
         scaler_skips = self.precision is not None and self.precision.config.skips_overflowing_steps
-        for callback in (ReportCallback(self.describe_run), self.speed, PreemptionCallback(),
-                         NonFiniteLossCallback(self.args.on_nonfinite_loss, scaler_skips=scaler_skips)):
+        self.loss_tally = LossTally(self)
+        for callback in (self.loss_tally, ReportCallback(self.describe_run), self.speed, PreemptionCallback(),
+                         NonFiniteLossCallback(self.loss_tally, self.args.on_nonfinite_loss, scaler_skips=scaler_skips)):
             self.add_callback(callback)
         setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds
 
@@ -132,11 +138,21 @@ class LMTrainer(Trainer):
         with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
             return super().compute_loss(model, inputs, *args, **kwargs)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return self.loss_tally.observe(super().training_step(model, inputs, num_items_in_batch))
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        mean = self.loss_tally.mean_train_loss()  # over the steps taken, resumed attempts included
+        output.metrics["train_loss"] = mean
+        return output._replace(training_loss=mean)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # tokens/s (and the fp16 loss scale) beside loss and lr, for the progress bar and TensorBoard
             logs.update(self.speed.since_last_log(self.args))
             if self.precision is not None:
                 logs.update(self.precision.logs())
+            self.loss_tally.fix_log(logs)
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
@@ -159,5 +175,6 @@ class LMTrainer(Trainer):
         return self.checkpoint_staging or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
+        self.state.stateful_callbacks[STATE_KEY] = self.loss_tally.checkpoint_state()  # on every process
         save_checkpoint(self, lambda: super(LMTrainer, self)._save_checkpoint(model, trial),
                         self._get_output_dir(trial))
