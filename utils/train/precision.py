@@ -26,7 +26,7 @@ from utils.amp.apex_bridge import choose_backend, initialize_apex
 from utils.amp.casting import autocast_context, prepare_model
 from utils.amp.combine_grad import is_elementwise
 from utils.amp.config import AmpConfig
-from utils.amp.optimizer import AmpOptimizer, MixedPrecisionOptimizer
+from utils.amp.optimizer import AmpOptimizer, MixedPrecisionOptimizer, with_multi_tensor_kernel
 from utils.amp.weights import fp32_state_dict, sync_masters_on_load
 from utils.errors import UsageError
 
@@ -187,6 +187,7 @@ class MixedPrecision:
             self.optimizer = initialize_apex(self._apex_amp, model, groups, optimizer_cls(groups, **kwargs),
                                              self.config)
         else:
+            kwargs = with_multi_tensor_kernel(optimizer_cls, kwargs, trainer.args.device.type)
             self.optimizer = MixedPrecisionOptimizer(groups, lambda g: optimizer_cls(g, **kwargs), self.config)
         for handle in self._model_hooks:
             handle.remove()

@@ -7,6 +7,7 @@ import math
 from transformers import Trainer
 
 from utils.amp.config import precision_report
+from utils.amp.optimizer import implementation
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
 from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
@@ -89,7 +90,11 @@ class LMTrainer(Trainer):
 
     def describe_run(self) -> dict:
         """run_info.json: the setup as this trainer runs it (utils/report/run_info.py)."""
-        return run_info(self.args, self.precision.report() if self.precision else precision_report(None))
+        precision = self.precision.report() if self.precision else precision_report(None)
+        optim = getattr(self.args.optim, "value", self.args.optim)
+        optimizer = None if self.optimizer is None else {
+            "optimizer": {"name": optim, "implementation": implementation(self.optimizer)}}
+        return run_info(self.args, precision, optimizer)
 
     # ---------------------------------------------------------------- mixed precision
 
