@@ -17,7 +17,7 @@ from utils.report.run_info import ReportCallback, run_info
 from utils.report.speed import SpeedCallback
 from utils.runs.folder import RunFolder
 from utils.train.checkpointing import save_checkpoint
-from utils.train.precision import MixedPrecision
+from utils.train.precision import MixedPrecision, fit_npu_fused_optimizer
 from utils.train.sharding import setup_sharding
 from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_in_own_group
 
@@ -100,7 +100,9 @@ class LMTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.precision is None or self.optimizer is not None:
-            return super().create_optimizer(model)
+            optimizer = super().create_optimizer(model)
+            fit_npu_fused_optimizer(self.model, optimizer, getattr(self.args.optim, "value", self.args.optim))
+            return optimizer
         self.optimizer = self.precision.create_optimizer(self.model if model is None else model)
         return self.optimizer
 
