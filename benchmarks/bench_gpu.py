@@ -48,7 +48,7 @@ BUDGET_S = 7 * 60  # no case starts after this: the last one still ends within 8
 SIZES = {  # model, block, correctness batch, speed batches, correctness steps, warm-up and timed speed steps
     "gpt2-124m": dict(config=dict(n_layer=12, n_embd=768, n_head=12), block=1024, batch=8, speed_batches=(8, 16),
                       steps=30, warmup=5, timed=20),
-    "dry-run": dict(config=dict(n_layer=2, n_embd=64, n_head=2), block=64, batch=2, speed_batches=(2, 4),
+    "dry-run": dict(config=dict(n_layer=1, n_embd=64, n_head=2), block=64, batch=2, speed_batches=(2, 4),
                     steps=4, warmup=1, timed=2),
 }
 BF16_O2_COMBINE = dict(bf16=True, fp16_opt_level="O2", use_combine_grad=True)
@@ -264,7 +264,8 @@ def main(argv=None) -> None:
               "peak_flops": peak_flops(device_name(device_type(args))), "torch": torch.__version__,
               "model": f"{size['config']['n_layer']} x {size['config']['n_embd']}", "block": size["block"],
               "batch": size["batch"], "steps": size["steps"], "warmup": size["warmup"], "timed": size["timed"],
-              "apex": apex_importable()}
+              "apex": apex_importable(),
+              "peak_memory": "process peak RSS so far (CPU)" if args.dry_run else "torch.cuda.max_memory_allocated"}
     result["correctness"] = correctness(args, size, blocks, started)
     result["tf32_matmul"] = tf32_matmul(device_type(args))
     result["speed"] = speed(args, size, blocks, started)
