@@ -202,6 +202,7 @@ def test_fused_is_kept_and_cuda_gets_fused():
     assert with_multi_tensor_kernel(torch.optim.AdamW, {"fused": True}, "cpu") == {"fused": True}
     assert with_multi_tensor_kernel(torch.optim.AdamW, {}, "cuda") == {"fused": True}
     assert with_multi_tensor_kernel(torch.optim.Adagrad, {}, "cuda") == {"foreach": True}
+    assert with_multi_tensor_kernel(torch.optim.AdamW, {}, "npu") == {}
 
 
 # ------------------------------------------------------------ combined gradients

@@ -129,10 +129,10 @@ _FUSED_ON_CUDA = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 def with_multi_tensor_kernel(optimizer_cls, kwargs: dict, device_type: str) -> dict:
     """``kwargs`` choosing the kernel that steps the masters: fused on CUDA, else foreach.
 
-    torch leaves CPU (and any non-CUDA) tensors on its per-tensor loop unless asked; a user's
-    own ``fused``/``foreach`` (``--optim adamw_torch_fused``) stands.
+    torch leaves CPU tensors on its per-tensor loop unless asked; a user's own ``fused``/``foreach``
+    (``--optim adamw_torch_fused``) stands, and other devices (NPU: not run yet) keep torch's choice.
     """
-    if kwargs.get("fused") or kwargs.get("foreach") is not None:
+    if kwargs.get("fused") or kwargs.get("foreach") is not None or device_type not in ("cuda", "cpu"):
         return kwargs
     accepted = inspect.signature(optimizer_cls.__init__).parameters
     if device_type == "cuda" and issubclass(optimizer_cls, _FUSED_ON_CUDA) and "fused" in accepted:
