@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from utils.amp.casting import autocast_context, prepare_model
 from utils.amp.config import AmpConfig, parse_loss_scale
-from utils.amp.optimizer import MixedPrecisionOptimizer
+from utils.amp.optimizer import MixedPrecisionOptimizer, implementation, with_multi_tensor_kernel
 from utils.amp.scaler import LossScaler
 from utils.amp.weights import fp32_state_dict
 from utils.errors import UsageError
@@ -178,6 +178,31 @@ def test_opt_level_trains_like_fp32(level, half, fp32_losses):
     final, reference = sum(losses[-4:]), sum(fp32_losses[-4:])
     assert abs(final - reference) / reference < tolerance
     assert optimizer.scaler.skipped_steps == 0
+
+
+@pytest.mark.parametrize("level", ["O2", "O3"])
+def test_flat_buffers_stepped_by_foreach_match_the_per_tensor_loop(level):
+    """The kernel chosen for the flat buffers (foreach on the CPU) against torch's for-loop AdamW."""
+    results = {}
+    for kernel in ("for-loop", "chosen"):
+        cfg = AmpConfig(level, BF16, combine_grad=True)
+        kwargs = {"lr": 3e-3, "eps": 1e-3}
+        kwargs = {**kwargs, "foreach": False} if kernel == "for-loop" else \
+            with_multi_tensor_kernel(torch.optim.AdamW, kwargs, "cpu")
+        model = prepare_model(make_model(), cfg)
+        optimizer = MixedPrecisionOptimizer(param_groups(model), lambda g: torch.optim.AdamW(g, **kwargs), cfg)
+        results[kernel] = (implementation(optimizer), train(model, optimizer, cfg, range(4))[0], masters(optimizer))
+    assert (results["for-loop"][0], results["chosen"][0]) == ("for-loop", "foreach")
+    assert results["chosen"][1] == pytest.approx(results["for-loop"][1], rel=1e-6)
+    # foreach and the loop do the same fp32 arithmetic in a different order: a few ulps apart at most.
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(results["chosen"][2], results["for-loop"][2]))
+
+
+def test_fused_is_kept_and_cuda_gets_fused():
+    assert with_multi_tensor_kernel(torch.optim.AdamW, {"fused": True}, "cpu") == {"fused": True}
+    assert with_multi_tensor_kernel(torch.optim.AdamW, {}, "cuda") == {"fused": True}
+    assert with_multi_tensor_kernel(torch.optim.Adagrad, {}, "cuda") == {"foreach": True}
+    assert with_multi_tensor_kernel(torch.optim.AdamW, {}, "npu") == {}
 
 
 # ------------------------------------------------------------ combined gradients

@@ -110,3 +110,82 @@ def test_without_overflow_the_grads_are_unscaled_as_by_the_inf_nan_kernel():
         micro_batch(model, optimizer)
         runs.append(optimizer.clip_grad_norm(float("inf")))
     assert runs[0] > 0 and torch.equal(runs[0], runs[1])
+
+
+# ------------------------------------------------ --optim adamw_torch_npu_fused, against a stand-in
+class StandInNpuFusedAdamW(torch.optim.AdamW):
+    """What torch_npu's NpuFusedAdamW does with grads: at the first step it copies them into one
+    combined buffer and re-points every ``.grad`` at it, then steps through those tensors only; it
+    refuses ``zero_grad(set_to_none=True)`` and bf16 parameters."""
+
+    __module__ = "torch_npu.optim.npu_fused_adamw"
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **{**kwargs, "foreach": False})
+        self.combined = None
+
+    def zero_grad(self, set_to_none: bool = False):
+        if set_to_none:
+            raise ValueError("set_to_none is not supported in fused optimizers")
+        super().zero_grad(set_to_none=False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if any(p.dtype == torch.bfloat16 for p in params):
+            raise TypeError("NpuFusedAdamW does not support bfloat16 parameters")
+        if self.combined is None:
+            self.combined = torch.cat([p.grad.reshape(-1) for p in params])
+            for p, view in zip(params, self.combined.split([p.numel() for p in params])):
+                p.grad = view.view_as(p)
+            self.views = [p.grad for p in params]
+        for p, view in zip(params, self.views):
+            p.grad = view  # the combined buffer, whatever autograd wrote since
+        return super().step(closure)
+
+
+@pytest.fixture
+def stand_in_npu_optim(monkeypatch):
+    """Installs the stand-in once the trainer is built: accelerate's device probes must still find no NPU."""
+    def install() -> None:
+        package, optim = types.ModuleType("torch_npu"), types.ModuleType("torch_npu.optim")
+        optim.NpuFusedAdamW = StandInNpuFusedAdamW
+        package.optim = optim
+        monkeypatch.setitem(sys.modules, "torch_npu", package)
+        monkeypatch.setitem(sys.modules, "torch_npu.optim", optim)
+
+    return install
+
+
+def test_npu_fused_adamw_under_the_trainer_trains_as_adamw(stand_in_npu_optim, tmp_path):
+    from amp_cases import losses, make_trainer
+
+    reference = make_trainer(tmp_path / "adamw", optim="adamw_torch", max_steps=4)
+    reference.train()
+    fused = make_trainer(tmp_path / "npu", optim="adamw_torch_npu_fused", max_steps=4)
+    stand_in_npu_optim()
+    fused.train()
+    assert type(fused.optimizer.optimizer) is StandInNpuFusedAdamW
+    assert losses(fused) == pytest.approx(losses(reference), rel=1e-5)
+
+
+def test_npu_fused_adamw_refuses_bf16_weights_before_the_first_step(stand_in_npu_optim, tmp_path):
+    from amp_cases import make_trainer, tiny_model
+    from utils.errors import UsageError
+
+    trainer = make_trainer(tmp_path, model=tiny_model().to(torch.bfloat16), optim="adamw_torch_npu_fused")
+    stand_in_npu_optim()
+    with pytest.raises(UsageError, match=r"^--optim adamw_torch_npu_fused: torch_npu's fused optimizers refuse bf16"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_npu_fused_adamw_under_mixed_precision_is_refused(stand_in_npu_optim, tmp_path):
+    from amp_cases import make_trainer
+    from utils.errors import UsageError
+
+    trainer = make_trainer(tmp_path, bf16=True, fp16_opt_level="O2", optim="adamw_torch_npu_fused")
+    stand_in_npu_optim()
+    with pytest.raises(UsageError, match=r"^--optim adamw_torch_npu_fused: .* --optim adamw_torch --use_combine_grad"):
+        trainer.train()
+    assert trainer.state.global_step == 0

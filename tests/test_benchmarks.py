@@ -39,3 +39,26 @@ def test_benchmark_prints_its_table(case):
     assert set(table[1].replace("|", "").split()) == {"---"}
     assert len(table) == 2 + n_rows
     assert all(len(row.strip("|").split("|")) == len(header) for row in table[2:])
+
+
+def test_bench_gpu_dry_run_prints_tokens_per_second_loss_ratios_and_peak_memory():
+    """The prepared GPU measurement, on the CPU at a tiny size: its tables, and one JSON line for stock and ours."""
+    import json
+
+    process = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--dry_run"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    assert result["dry_run"] and result["tf32_matmul"] is False
+    correctness = result["correctness"]
+    assert len(correctness) == 7 and correctness["O0 (fp32, TF32 off)"]["loss_ratio_to_o0"] == 1.0
+    for label, row in correctness.items():
+        assert len(row["loss"]) == len(row["grad_norm"]) == result["steps"], label
+        # Tiny model, 4 steps: every precision stays within 1% of fp32 (measured: 2e-5 at most).
+        assert abs(row["loss_ratio_to_o0"] - 1) < 1e-2 and abs(row["grad_norm_ratio_to_o0"] - 1) < 1e-2, label
+    pipelines = {(row["pipeline"].split()[0], row["batch"]) for row in result["speed"]}
+    assert pipelines == {(side, batch) for side in ("stock", "ours") for batch in (2, 4)}
+    for row in result["speed"]:
+        assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["mfu"] is None, row  # CPU: no peak
+    tables = [line for line in process.stdout.splitlines() if line.startswith("| ")]
+    assert len(tables) == 2 + 7 + 2 + 6

@@ -98,3 +98,23 @@ def test_fp16_o0_scales_no_loss_and_says_so(tmp_path):
     trainer.train()
     assert not trainer.precision.optimizer.scaler.enabled
     assert read_json(tmp_path / "run_info.json")["loss_scale"] is None
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ({"bf16": True, "fp16_opt_level": "O2", "use_combine_grad": True, "optim": "adamw_torch"},
+     ("adamw_torch", "foreach")),  # ours picks a multi-tensor kernel for the flat buffers
+    ({"bf16": True, "fp16_opt_level": "O2", "use_combine_grad": True}, ("adamw_torch_fused", "fused")),  # the default
+    ({"optim": "adamw_torch"}, ("adamw_torch", "for-loop")),  # fp32: the Trainer's own AdamW, torch's CPU default
+], ids=["bf16-O2-combine-adamw_torch", "bf16-O2-combine-default", "fp32-adamw_torch"])
+def test_run_info_names_the_optimizer_kernel_that_ran(flags, expected, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="utils"):
+        trainer = make_trainer(tmp_path, max_steps=1, **flags)
+        trainer.train()
+    inner = trainer.optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    kernel = "fused" if inner.defaults["fused"] else "foreach" if inner.defaults["foreach"] else "for-loop"
+    assert kernel == expected[1]  # what the inner torch optimizer was built with
+    assert read_json(tmp_path / "run_info.json")["optimizer"] == {"name": expected[0], "implementation": kernel}
+    assert f"optimizer: {expected[0]}, {kernel} kernel" in caplog.text
+    assert "TF32 matmul: off" in caplog.text and read_json(tmp_path / "run_info.json")["tf32_matmul"] is False

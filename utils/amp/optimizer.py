@@ -42,12 +42,14 @@ does it on every ``load_state_dict``).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from utils.amp.combine_grad import FlatStore, MasterDtypeRule
 from utils.amp.config import AmpConfig
@@ -118,6 +120,51 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
         return torch.linalg.vector_norm(grads[0], norm_type, dtype=torch.float32)
     norms = torch._foreach_norm(grads, norm_type, dtype=torch.float32)
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+# torch's optimizers with a fused kernel on CUDA (one launch for the whole update of a flat buffer).
+_FUSED_ON_CUDA = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def with_multi_tensor_kernel(optimizer_cls, kwargs: dict, device_type: str) -> dict:
+    """``kwargs`` choosing the kernel that steps the masters: fused on CUDA, else foreach.
+
+    torch leaves CPU tensors on its per-tensor loop unless asked; a user's own ``fused``/``foreach``
+    (``--optim adamw_torch_fused``) stands, and other devices (NPU: not run yet) keep torch's choice.
+    """
+    if kwargs.get("fused") or kwargs.get("foreach") is not None or device_type not in ("cuda", "cpu"):
+        return kwargs
+    accepted = inspect.signature(optimizer_cls.__init__).parameters
+    if device_type == "cuda" and issubclass(optimizer_cls, _FUSED_ON_CUDA) and "fused" in accepted:
+        return {**kwargs, "fused": True}
+    if "foreach" in accepted:
+        return {**kwargs, "foreach": True}
+    return kwargs
+
+
+def innermost(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that updates the weights, under accelerate's and our wrappers."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def implementation(optimizer: torch.optim.Optimizer) -> str:
+    """Which kernel steps ``optimizer``: "fused", "foreach", "for-loop", or the class of one without the choice.
+
+    An unset ``foreach`` is resolved as torch resolves it at ``step`` (foreach on CUDA, the loop elsewhere).
+    """
+    inner = innermost(optimizer)
+    defaults = inner.defaults
+    if "foreach" not in defaults and "fused" not in defaults:
+        return type(inner).__name__
+    if defaults.get("fused"):
+        return "fused"
+    foreach = defaults.get("foreach")
+    if foreach is None:
+        params = [p for group in inner.param_groups for p in group["params"]]
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False)
+    return "foreach" if foreach else "for-loop"
 
 
 class MixedPrecisionOptimizer(torch.optim.Optimizer):

@@ -73,6 +73,13 @@ class ModelArguments:
             "aliases": ["--torch_dtype"],
         },
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel (default: transformers' pick, sdpa for every model that has it, else eager).",
+            "choices": ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"],
+        },
+    )
 
 
 @dataclass

@@ -302,6 +302,16 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
+def tf32_matmul(device: str) -> bool:
+    """Whether fp32 matmuls run in TF32: on CUDA when ``--tf32`` (torch's switch) turned it on; off by default.
+
+    Off by default so that an fp32 (O0) run is the fp32 reference the O-levels are compared with.
+    """
+    import torch
+
+    return device == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
 def describe_device(device: str | None = None) -> str:
     """One line for the logs, e.g. "cuda: 8 x NVIDIA H100 80GB HBM3"."""
     import torch

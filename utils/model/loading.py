@@ -124,29 +124,41 @@ def _require_vocabulary(tokenizer, source: str) -> None:
 def load_model(model_args, config, tokenizer, model_class):
     """The model's weights from --model_name_or_path, or fresh ones from the config."""
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
         model = _from_pretrained(model_class, model_args.model_name_or_path, "--model_name_or_path", model_args,
-                                 config=config, dtype=dtype)
+                                 config=config, dtype=dtype, **attention)
     else:
-        model = _new_model(model_class, config, model_args, dtype)
+        model = _new_model(model_class, config, model_args, dtype, attention)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("New model: %.2fM parameters", n_params / 1e6)
+    chosen = model.config._attn_implementation
+    if attention and chosen != attention["attn_implementation"]:  # transformers only warned
+        raise UsageError(f"--attn_implementation {attention['attn_implementation']}: {type(model).__name__} "
+                         f"does not have it (it runs {chosen}); drop the flag or pick {chosen}")
+    logger.info("Attention: %s (%s)", chosen,
+                "--attn_implementation" if attention else "transformers' default: sdpa where the model has it")
     # A tokenizer with added tokens needs a larger embedding matrix.
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model
 
 
-def _new_model(model_class, config, model_args, dtype):
+def _new_model(model_class, config, model_args, dtype, attention: dict):
     """A model with fresh weights; a config the model's layers reject is the user's to fix."""
     try:
         if hasattr(model_class, "from_config"):  # an Auto class
-            return model_class.from_config(config, trust_remote_code=model_args.trust_remote_code, dtype=dtype)
+            return model_class.from_config(config, trust_remote_code=model_args.trust_remote_code, dtype=dtype,
+                                           **attention)
         model = model_class(config)
+        if attention:
+            model.set_attn_implementation(attention["attn_implementation"])
         return model.to(dtype) if isinstance(dtype, torch.dtype) else model
     except (ValueError, TypeError, AssertionError) as err:
         flag = f"--config_overrides {model_args.config_overrides!r}" if model_args.config_overrides else \
             f"--model_type {model_args.model_type}"
+        if attention and "attention implementation" in str(err):
+            flag = f"--attn_implementation {attention['attn_implementation']}"
         message = " ".join(str(err).split())[:300] or type(err).__name__
         raise UsageError(f"{flag}: the {config.model_type} model cannot be built with this config: {message}") from None
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from transformers import TrainerCallback
 
 from utils.files import read_json, write_json
-from utils.launch.device import describe_device
+from utils.launch.device import describe_device, tf32_matmul
 from utils.report.speed import effective_batch_size
 from utils.runs.folder import RUN_INFO
 
@@ -40,6 +40,7 @@ def run_info(args, precision: dict, optimizer: dict | None = None) -> dict:
         "device": describe_device(args.device.type),
         **precision,
         **(optimizer or {}),
+        "tf32_matmul": tf32_matmul(args.device.type),
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "effective_batch_size": effective_batch_size(args),
@@ -48,17 +49,21 @@ def run_info(args, precision: dict, optimizer: dict | None = None) -> dict:
 
 
 def log_run_setup(info: dict) -> None:
+    optimizer = info.get("optimizer") or {}
     logger.info(
         "Run setup:\n"
         "  device: %s\n"
         "  world size: %d\n"
         "  precision: %s, backend %s, opt level %s, combine_grad %s, loss scale %s\n"
-        "  effective batch size %d = %d per device x %d accumulation steps x %d processes",
+        "  effective batch size %d = %d per device x %d accumulation steps x %d processes\n"
+        "  optimizer: %s, %s kernel\n"
+        "  TF32 matmul: %s",
         info["device"], info["world_size"],
         info["precision"], info["precision_backend"], info["opt_level"] or "n/a", info["combine_grad"],
         info["loss_scale"] if info["loss_scale"] is not None else "none",
         info["effective_batch_size"], info["per_device_train_batch_size"], info["gradient_accumulation_steps"],
-        info["world_size"],
+        info["world_size"], optimizer.get("name", "n/a"), optimizer.get("implementation", "n/a"),
+        "on (--tf32)" if info["tf32_matmul"] else "off (fp32 matmuls in full fp32; --tf32 turns it on on CUDA)",
     )
 
 

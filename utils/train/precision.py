@@ -14,6 +14,7 @@ chosen (and apex's ``combine_grad`` as apex takes it). Reports read it, not the 
 
 from __future__ import annotations
 
+import functools
 import logging
 from itertools import chain
 
@@ -26,7 +27,7 @@ from utils.amp.apex_bridge import choose_backend, initialize_apex
 from utils.amp.casting import autocast_context, prepare_model
 from utils.amp.combine_grad import is_elementwise
 from utils.amp.config import AmpConfig
-from utils.amp.optimizer import AmpOptimizer, MixedPrecisionOptimizer
+from utils.amp.optimizer import AmpOptimizer, MixedPrecisionOptimizer, innermost, with_multi_tensor_kernel
 from utils.amp.weights import fp32_state_dict, sync_masters_on_load
 from utils.errors import UsageError
 
@@ -107,8 +108,32 @@ def all_reduce_mean(grads: list[torch.Tensor], world_size: int, pack: bool) -> N
             torch._foreach_copy_(group, [piece.view_as(grad) for piece, grad in zip(pieces, group)])
 
 
+def from_torch_npu(optimizer_cls) -> bool:
+    """torch_npu's fused optimizers (``--optim adamw_torch_npu_fused``): they keep the grads in a buffer of their own."""
+    return (getattr(optimizer_cls, "__module__", None) or "").split(".")[0] == "torch_npu"
+
+
+def fit_npu_fused_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim: str) -> None:
+    """A torch_npu fused optimizer under the fp32 Trainer: grads zeroed in place, bf16 weights refused.
+
+    The fused optimizer copies every grad into one buffer at its first step and from then on reads
+    that buffer through the grads it re-pointed; the Trainer's ``model.zero_grad()`` (set_to_none)
+    would let backward write fresh tensors it never reads, so every step would repeat the first grads.
+    """
+    if not from_torch_npu(type(innermost(optimizer))):
+        return
+    if any(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad):
+        raise UsageError(f"--optim {optim}: torch_npu's fused optimizers refuse bf16 weights; load them in fp32 "
+                         "(drop --dtype bfloat16), or use --bf16 --fp16_opt_level O2 with --optim adamw_torch")
+    model.zero_grad = functools.partial(model.zero_grad, set_to_none=False)
+
+
 def check_optimizer(optimizer_cls, kwargs: dict, optim: str, config: AmpConfig) -> None:
     """Refuse optimizers the mixed-precision wrapper (or one flat buffer per group) would change."""
+    if from_torch_npu(optimizer_cls):
+        raise UsageError(f"--optim {optim}: torch_npu's fused optimizers keep the grads in a buffer of their own, "
+                         "which the mixed-precision masters bypass; use --optim adamw_torch --use_combine_grad "
+                         "(one flat buffer, stepped by a foreach kernel)")
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or (
             {"params", "model", "optimizer_dict"} & kwargs.keys()):
         raise UsageError(f"--optim {optim} lays out the parameters itself, which --fp16/--bf16 here "
@@ -187,6 +212,7 @@ class MixedPrecision:
             self.optimizer = initialize_apex(self._apex_amp, model, groups, optimizer_cls(groups, **kwargs),
                                              self.config)
         else:
+            kwargs = with_multi_tensor_kernel(optimizer_cls, kwargs, trainer.args.device.type)
             self.optimizer = MixedPrecisionOptimizer(groups, lambda g: optimizer_cls(g, **kwargs), self.config)
         for handle in self._model_hooks:
             handle.remove()

@@ -7,6 +7,7 @@ import math
 from transformers import Trainer
 
 from utils.amp.config import precision_report
+from utils.amp.optimizer import implementation
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
 from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
@@ -17,7 +18,7 @@ from utils.report.speed import SpeedCallback
 from utils.runs.folder import RunFolder
 from utils.train.checkpointing import save_checkpoint
 from utils.train.loss_tally import STATE_KEY, LossTally
-from utils.train.precision import MixedPrecision
+from utils.train.precision import MixedPrecision, fit_npu_fused_optimizer
 from utils.train.sharding import setup_sharding
 from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_in_own_group
 
@@ -96,13 +97,19 @@ class LMTrainer(Trainer):
 
     def describe_run(self) -> dict:
         """run_info.json: the setup as this trainer runs it (utils/report/run_info.py)."""
-        return run_info(self.args, self.precision.report() if self.precision else precision_report(None))
+        precision = self.precision.report() if self.precision else precision_report(None)
+        optim = getattr(self.args.optim, "value", self.args.optim)
+        optimizer = None if self.optimizer is None else {
+            "optimizer": {"name": optim, "implementation": implementation(self.optimizer)}}
+        return run_info(self.args, precision, optimizer)
 
     # ---------------------------------------------------------------- mixed precision
 
     def create_optimizer(self, model=None):
         if self.precision is None or self.optimizer is not None:
-            return super().create_optimizer(model)
+            optimizer = super().create_optimizer(model)
+            fit_npu_fused_optimizer(self.model, optimizer, getattr(self.args.optim, "value", self.args.optim))
+            return optimizer
         self.optimizer = self.precision.create_optimizer(self.model if model is None else model)
         return self.optimizer
 
