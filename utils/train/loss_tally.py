@@ -50,8 +50,8 @@ class LossTally(TrainerCallback):
         self._verdict = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
-        if saved and saved.get("steps") == state.global_step:  # resumed: what the steps before gave
+        saved = _saved_tally(state)
+        if saved:  # resumed: what the steps before gave
             self._reset_run(float(saved["loss_sum"]), int(saved["steps"]), int(saved["skipped"]))
         else:
             self._reset_run(0.0, state.global_step, 0)
@@ -106,3 +106,18 @@ class LossTally(TrainerCallback):
         """After training: the mean loss of the steps taken, over this run and the attempts it resumed."""
         taken = self.trainer.state.global_step - self.skipped
         return self._run_sum(0.0) / taken if taken > 0 else float("nan")
+
+
+def saved_mean_loss(state) -> float | None:
+    """The mean training loss a checkpoint's Trainer state carries (None if it carries no loss sum)."""
+    saved = _saved_tally(state)
+    if not saved:
+        return None
+    taken = int(saved["steps"]) - int(saved["skipped"])
+    return float(saved["loss_sum"]) / taken if taken > 0 else float("nan")
+
+
+def _saved_tally(state) -> dict | None:
+    """The tally a Trainer state carries, if it was saved at that state's step."""
+    saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+    return saved if saved and saved.get("steps") == state.global_step else None

@@ -15,6 +15,7 @@ from utils.report.run_info import write_run_info
 from utils.runs.folder import FINISHED, TRAINED, RunFolder
 from utils.train.checkpointing import save_model_atomically
 from utils.train.failures import run_guard
+from utils.train.loss_tally import saved_mean_loss
 from utils.train.stops import stop_after_training, stop_reason
 from utils.train.trainer import LMTrainer
 
@@ -119,17 +120,15 @@ def _last_step_state(trainer: LMTrainer, checkpoint: str | None) -> TrainerState
 def _metrics_of(state: TrainerState) -> dict:
     """train_results.json's figures for a run that trained to its end before this start.
 
-    The mean training loss is rebuilt from the logged losses, each the mean over its logging
-    interval; there is no speed to report for a run that took no step now.
+    The mean training loss is the one the checkpoint carries (utils/train/loss_tally.py); there is no
+    speed to report for a run that took no step now.
     """
-    total, previous = 0.0, 0
-    for entry in state.log_history:
-        if "loss" in entry:
-            total += entry["loss"] * (entry["step"] - previous)
-            previous = entry["step"]
     metrics = {"epoch": state.epoch, "total_flos": state.total_flos}
-    if previous:
-        metrics["train_loss"] = total / previous
+    mean = saved_mean_loss(state)
+    if mean is None:
+        logger.warning("The checkpoint carries no training loss sum: train_results.json has no train_loss")
+    else:
+        metrics["train_loss"] = mean
     return metrics
 
 
