@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+import xxhash
+
 from utils.errors import UsageError
 
 
@@ -17,6 +19,19 @@ def output_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def file_digest(path: str, flush: bool = False) -> tuple[str, int]:
+    """The xxh3-128 digest of a file's bytes and its size, read once in 8 MiB pieces; with ``flush``,
+    the file is also flushed to disk in that pass."""
+    digest, size = xxhash.xxh3_128(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        if flush:
+            os.fsync(f.fileno())
+    return digest.hexdigest(), size
 
 
 def fsync(path: str) -> None:

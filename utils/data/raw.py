@@ -13,6 +13,7 @@ import xxhash
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from utils.errors import UsageError
+from utils.files import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ BUILDERS = {"txt": "text", "raw": "text", "tokens": "text", "csv": "csv", "json"
 # x10); at 1 MiB it stays flat, and loading is no slower. The rows are the same lines either way.
 TEXT_CHUNK_BYTES = 1 << 20
 READERS = os.sep + os.path.join("datasets", "packaged_modules") + os.sep  # where datasets' file readers live
-HASH_CHUNK_BYTES = 8 << 20  # read size for the content digest of the input files
 
 
 def load_raw_datasets(model_args, data_args) -> DatasetDict | IterableDatasetDict:
@@ -203,10 +203,7 @@ def content_digest(paths: list[str]) -> str:
     """A fast (xxh3-128) hash of the bytes of ``paths``, in order."""
     digest = xxhash.xxh3_128()
     for path in paths:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(HASH_CHUNK_BYTES):
-                digest.update(chunk)
-        digest.update(b"\0" + os.fsencode(path) + b"\0")
+        digest.update(f"{file_digest(path)[0]}\0{path}\0".encode())
     return digest.hexdigest()
 
 

@@ -26,11 +26,10 @@ import os
 import re
 import shutil
 
-import xxhash
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from utils.errors import UsageError
-from utils.files import fsync
+from utils.files import file_digest, fsync
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ MODEL_STAGING = STAGING_PREFIX + "model"  # the final model while it is saved (u
 # Folders of a save that a kill cut off: a staged checkpoint, one moved aside, the final model's staging.
 LEFTOVER = re.compile(rf"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-\d+(-old)?|{re.escape(MODEL_STAGING)}")
 DAMAGED_PREFIX = "damaged-"  # a checkpoint whose files no longer match its marker, kept for a look
-HASH_CHUNK_BYTES = 8 << 20
 
 
 def checkpoint_name(step: int) -> str:
@@ -112,7 +110,7 @@ def checkpoint_problem(path: str) -> str | None:
         if os.path.getsize(file) != size:
             return f"{name} has {os.path.getsize(file)} bytes, not the {size} it was written with"
     for name, digest in marker.get("xxh3", {}).items():
-        if _xxh3(os.path.join(path, name)) != digest:
+        if file_digest(os.path.join(path, name))[0] != digest:
             return f"{name} has changed since it was written (its checksum differs)"
     for name, digest in marker.get("sha256", {}).items():  # markers of earlier versions: small files only
         if _sha256(os.path.join(path, name)) != digest:
@@ -172,7 +170,7 @@ def write_marker(folder: str, step: int, run_id: str | None = None) -> None:
         for name in names:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder)
-            checksums[relative], files[relative] = _xxh3(path, flush=True)
+            checksums[relative], files[relative] = file_digest(path, flush=True)
     marker = os.path.join(folder, COMPLETE_MARKER)
     content = {"global_step": step, "run_id": run_id, "files": files, "xxh3": checksums}
     with open(marker, "w", encoding="utf-8") as f:
@@ -245,18 +243,6 @@ def remove_leftovers(run_dir: str) -> None:
 def _aside(path: str) -> str:
     """Where a checkpoint is moved before it is deleted or replaced; removed by ``remove_leftovers``."""
     return os.path.join(os.path.dirname(path), f"{STAGING_PREFIX}{os.path.basename(path)}-old")
-
-
-def _xxh3(path: str, flush: bool = False):
-    """The file's xxh3-128 digest; with ``flush``, also flushed to disk, and ``(digest, size)`` returned."""
-    digest, size = xxhash.xxh3_128(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += len(chunk)
-        if flush:
-            os.fsync(f.fileno())
-    return (digest.hexdigest(), size) if flush else digest.hexdigest()
 
 
 def _sha256(path: str) -> str:
