@@ -9,10 +9,13 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
+import xxhash
 
-from conftest import ROOT, TINY, WIKI_TEST_RAW, read_json, run_script, with_faults
+from conftest import ROOT, TINY, TOKENIZERS, WIKI_TEST_RAW, read_json, run_script, with_faults
+from utils.files import file_digest
 from utils.runs.checkpoints import checkpoint_dirs, checkpoint_problem, rotate, write_marker
 
 RUN = ["--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
@@ -95,6 +98,41 @@ def test_a_full_disk_on_the_results_is_one_line_and_the_rerun_only_saves(uninter
         read_json(uninterrupted / "train_results.json")["train_loss"], abs=1e-6)
 
 
+def test_a_kill_after_the_claim_leaves_a_claimed_record_and_the_rerun_trains(uninterrupted, text_files, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "model.safetensors").read_bytes()
+    changed = ("--overwrite_output_dir", "--learning_rate", "1e-3")
+    killed = train(text_files["train"], out, *changed, faults="kill_after_claim")
+    assert killed.returncode in (-9, 137), killed.stderr[-3000:]
+    record = read_json(out / "run_state.json")
+    assert record["stage"] == "claimed" and record["run_id"] != read_json(uninterrupted / "run_state.json")["run_id"]
+    assert not checkpoint_dirs(str(out))  # the old run's checkpoints went after the new record
+    rerun = train(text_files["train"], out, *changed)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "nothing to do" not in log(rerun) and "evaluating only" not in log(rerun)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert read_json(out / "trainer_state.json")["log_history"][0]["learning_rate"] == pytest.approx(1e-3)
+    assert read_json(out / "run_state.json")["stage"] == "finished"
+
+
+def test_a_kill_after_the_evaluation_is_rerun_as_reports_only(text_files, tmp_path):
+    out = tmp_path / "out"
+    evaluate = ("--do_eval", "--validation_file", text_files["valid"], "--per_device_eval_batch_size", "8",
+                "--max_eval_samples", "8")
+    killed = train(text_files["train"], out, *evaluate, faults="kill_after_evaluated")
+    assert killed.returncode in (-9, 137), killed.stderr[-3000:]
+    assert read_json(out / "run_state.json")["stage"] == "evaluated"
+    results = (out / "eval_results.json").read_bytes()
+    rerun = train(text_files["train"], out, *evaluate)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "evaluating no further" in log(rerun) and "Running Evaluation" not in log(rerun)
+    assert (out / "eval_results.json").read_bytes() == results
+    perplexity = read_json(out / "eval_results.json")["perplexity"]
+    assert f"| perplexity | {perplexity:.2f} |" in (out / "README.md").read_text(encoding="utf-8")
+    assert read_json(out / "run_state.json")["stage"] == "finished"
+
+
 def test_resume_from_a_finished_runs_folder_is_refused_with_one_line(uninterrupted, text_files, tmp_path):
     process = train(text_files["train"], tmp_path / "new", "--resume_from_checkpoint", uninterrupted)
     assert process.returncode == 2, process.stderr[-3000:]
@@ -123,6 +161,56 @@ def test_a_rotted_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_an_i
     assert f"Resuming from {out / 'checkpoint-2'}" in text
     kept = out / "damaged-checkpoint-4" / "model.safetensors"
     assert kept.stat().st_size == size and kept.read_bytes() == rotted  # moved aside, never deleted
+
+
+def test_checkpoint_checksums_are_taken_as_the_files_are_saved_not_read_back(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    import utils.runs.checkpoints as checkpoints
+    from utils.train.save_digests import digests_of_saves
+
+    folder = tmp_path / "tmp-checkpoint-1" / "checkpoint-1"
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    optimizer.step()
+    with digests_of_saves(str(tmp_path / "tmp-checkpoint-1")) as written:
+        model.save_pretrained(folder)
+        model.to(torch.bfloat16).save_pretrained(folder / "bf16")  # other dtypes lie in the file the same way
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2").save_pretrained(folder)
+        torch.save({"elsewhere": 1}, tmp_path / "elsewhere.pt")
+    assert str(tmp_path / "elsewhere.pt") not in written
+    assert torch.save.__module__ == "torch.serialization"  # the writers are themselves again after the block
+
+    read = []
+    monkeypatch.setattr(checkpoints, "file_digest",
+                        lambda path, flush=False: read.append(os.path.relpath(path, folder)) or file_digest(path, flush))
+    write_marker(str(folder), 1, written=written)
+    assert not {"model.safetensors", "bf16/model.safetensors", "optimizer.pt"} & set(read)
+    assert {"config.json", "tokenizer.json"} <= set(read)  # written another way: read back once
+    # Independently: each checksum is that of the file's bytes on disk, and the files load.
+    marker = read_json(folder / "checkpoint_complete.json")
+    assert set(marker["xxh3"]) == {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {
+        "checkpoint_complete.json"}
+    for name, digest in marker["xxh3"].items():
+        assert digest == xxhash.xxh3_128((folder / name).read_bytes()).hexdigest(), name
+    assert checkpoint_problem(str(folder)) is None
+    loaded = torch.load(folder / "optimizer.pt")
+    assert torch.equal(loaded["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(GPT2LMHeadModel.from_pretrained(folder / "bf16").transformer.wte.weight,
+                       model.transformer.wte.weight)
+
+
+def test_a_trainer_checkpoint_is_checksummed_as_written(uninterrupted):
+    checkpoint = uninterrupted / "checkpoint-4"
+    marker = read_json(checkpoint / "checkpoint_complete.json")
+    for name, digest in marker["xxh3"].items():
+        assert digest == xxhash.xxh3_128((checkpoint / name).read_bytes()).hexdigest(), name
+    # torch.save names the archive inside after the file, but "archive" when it writes into a file
+    # object: the optimizer state went through the hashing writer.
+    assert zipfile.ZipFile(checkpoint / "optimizer.pt").namelist()[0].startswith("archive/")
 
 
 def test_a_corrupt_file_over_1_mib_is_caught(tmp_path):

@@ -23,6 +23,10 @@ only. Events, at the end of optimizer step STEP unless said otherwise:
   a ``--fp16``/``--bf16`` run times a matmul for its precision hint.
 * ``sigterm_after_last_step``: SIGTERM once the last step is done (STEP is ignored), while the
   Trainer is still wrapping up training.
+* ``kill_after_claim``: SIGKILL just after the run's record is first written (``RunFolder.begin``),
+  before its first step (STEP is ignored).
+* ``kill_after_evaluated``: SIGKILL just after the run records that its evaluation is done (its
+  eval_results.json written), before the reports made from it (STEP is ignored).
 """
 
 import importlib.abc
@@ -114,6 +118,7 @@ def _nan_loss(module, inputs, outputs):
 
 def _install(trainer_module):
     import utils.launch.cpu as cpu
+    import utils.runs.folder as folder
     import utils.train.checkpointing as checkpointing
 
     if "no_half_units" in planned_faults():
@@ -130,6 +135,20 @@ def _install(trainer_module):
         callbacks.insert(first, callback_class(self))
 
     trainer_module.LMTrainer.__init__ = init
+
+    original_begin, original_mark = folder.RunFolder.begin, folder.RunFolder.mark
+
+    def begin(self):
+        original_begin(self)
+        if "kill_after_claim" in planned_faults() and _first_attempt():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def mark(self, stage):
+        original_mark(self, stage)
+        if stage == "evaluated" and "kill_after_evaluated" in planned_faults() and _first_attempt():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    folder.RunFolder.begin, folder.RunFolder.mark = begin, mark
 
     original_publish, original_rotate = checkpointing.publish, checkpointing.rotate
 

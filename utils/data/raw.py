@@ -9,11 +9,10 @@ import logging
 import os
 
 import datasets
-import xxhash
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from utils.errors import UsageError
-from utils.files import file_digest
+from utils.files import file_digest, new_digest
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +199,8 @@ def file_being_read(err: BaseException) -> str | None:
 
 
 def content_digest(paths: list[str]) -> str:
-    """A fast (xxh3-128) hash of the bytes of ``paths``, in order."""
-    digest = xxhash.xxh3_128()
+    """A fast hash (utils/files.py new_digest) of the bytes of ``paths``, in order."""
+    digest = new_digest()
     for path in paths:
         digest.update(f"{file_digest(path)[0]}\0{path}\0".encode())
     return digest.hexdigest()

@@ -6,8 +6,9 @@ to disk, a marker listing every file and its size (``checkpoint_complete.json``)
 and only then is it renamed to ``OUTPUT_DIR/checkpoint-N``; old checkpoints are rotated out after
 that. A kill at any moment therefore leaves the previous checkpoints as they were, plus at most a
 ``tmp-`` folder that the next save removes. The marker also holds the run's id (``RunFolder``,
-utils/runs/folder.py) and a fast checksum (xxh3-128) of every file, taken in the same pass that
-flushes it to disk. Resuming takes the newest checkpoint of the run whose marker matches its
+utils/runs/folder.py) and a fast checksum (xxh3-128) of every file, taken from the bytes as
+they are saved (utils/train/save_digests.py) or, for the few small files written otherwise, in
+the pass that flushes them to disk. Resuming takes the newest checkpoint of the run whose marker matches its
 files and says which ones it skipped; one whose files no longer match its marker (rotted, edited,
 truncated) is moved aside to ``damaged-checkpoint-N``, never deleted.
 
@@ -159,18 +160,25 @@ def _other_run(path: str, run_id: str | None) -> str | None:
 # ---------------------------------------------------------------------------- writing
 
 
-def write_marker(folder: str, step: int, run_id: str | None = None) -> None:
+def write_marker(folder: str, step: int, run_id: str | None = None,
+                 written: dict[str, tuple[str, int]] | None = None) -> None:
     """Flush every file to disk, then list them with their sizes and checksums in the marker.
 
-    Each file is read once, just after it was written (from the page cache), and hashed and
-    flushed in that one pass.
+    ``written`` holds the digests taken as files were saved (utils/train/save_digests.py); a file
+    it does not cover, or whose size has changed since, is read once here, hashed and flushed in
+    that one pass.
     """
     files, checksums = {}, {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder)
-            checksums[relative], files[relative] = file_digest(path, flush=True)
+            known = (written or {}).get(os.path.abspath(path))
+            if known is not None and known[1] == os.path.getsize(path):
+                fsync(path)
+                checksums[relative], files[relative] = known
+            else:
+                checksums[relative], files[relative] = file_digest(path, flush=True)
     marker = os.path.join(folder, COMPLETE_MARKER)
     content = {"global_step": step, "run_id": run_id, "files": files, "xxh3": checksums}
     with open(marker, "w", encoding="utf-8") as f:

@@ -9,11 +9,14 @@ is passed on (to ``train_and_evaluate``): no other module decides about the fold
   it. A second run into a locked folder stops with one line.
 * **The run's record**, ``OUTPUT_DIR/run_state.json``: a random id, new whenever a run starts
   from step 0; a fingerprint of the command that last ran it (``utils.cli.Command``); and its
-  stage, ``training``, ``trained`` (final model and train results written, evaluation not done) or
-  ``finished``. Checkpoints carry the id (utils/runs/checkpoints.py), so that a resume never takes
-  a checkpoint of an earlier run left in the same folder.
+  stage (``STAGES``, in order): ``claimed`` (the folder is this run's, no step taken),
+  ``training``, ``trained`` (final model and train results written), ``evaluated``
+  (eval_results.json written) and ``finished``. Each stage is written, whole, before the work
+  that follows it, so that a rerun after a crash at any point does only what is left
+  (utils/train/steps.py). Checkpoints carry the id (utils/runs/checkpoints.py), so that a resume
+  never takes a checkpoint of an earlier run left in the same folder.
 * **What a start decides**: the same command as a finished run is a no-op (``NothingToDo``); as a
-  trained one it only evaluates; as an unfinished one it resumes, with or without
+  trained one it only evaluates, as an evaluated one it only reports; as an unfinished one it resumes, with or without
   ``--overwrite_output_dir`` (a preempted ``--overwrite_output_dir`` command resumes when run
   again). Another command resumes an unfinished run, starts over with ``--overwrite_output_dir``,
   and is refused in a finished run's folder without it.
@@ -52,21 +55,27 @@ SHARDING = "sharding.json"
 NOT_RESULTS = re.compile(rf"train(_node\d+)?\.log|{re.escape(RUN_INFO)}|{LEFTOVER.pattern}"
                          rf"|{re.escape(RUN_STATE)}(\.tmp)?|runs")
 
-TRAINING, TRAINED, FINISHED = "training", "trained", "finished"
+STAGES = CLAIMED, TRAINING, TRAINED, EVALUATED, FINISHED = "claimed", "training", "trained", "evaluated", "finished"
+UNFINISHED = (CLAIMED, TRAINING)  # training goes on (or starts) in a rerun
 
 
 @dataclass
 class RunState:
     run_id: str
     command: str
-    stage: str = TRAINING
+    stage: str = CLAIMED
 
 
 def read_run_state(output_dir: str) -> RunState | None:
     try:
         data = read_json(os.path.join(output_dir, RUN_STATE))
-        return None if data is None else RunState(str(data["run_id"]), str(data["command"]), str(data["stage"]))
-    except (UsageError, OSError, KeyError, TypeError):
+        if data is None:
+            return None
+        state = RunState(str(data["run_id"]), str(data["command"]), str(data["stage"]))
+        if state.stage not in STAGES:
+            raise ValueError(state.stage)
+        return state
+    except (UsageError, OSError, KeyError, TypeError, ValueError):
         logger.warning("Ignoring %s: it cannot be read", os.path.join(output_dir, RUN_STATE))
         return None
 
@@ -130,7 +139,7 @@ class RunFolder:
         command = args.run_fingerprint
         on_disk = read_run_state(self.output_dir) if os.path.isdir(self.output_dir) else None
         same = on_disk is not None and on_disk.command == command
-        if on_disk is not None and on_disk.stage != TRAINING:
+        if on_disk is not None and on_disk.stage not in UNFINISHED:
             if same and on_disk.stage == FINISHED:
                 raise NothingToDo(
                     f"nothing to do: {self.output_dir} holds the finished run of this same command, left as it is "
@@ -191,23 +200,28 @@ class RunFolder:
     def run_id(self) -> str | None:
         return self.state.run_id if self.state is not None else None
 
+    def reached(self, stage: str) -> bool:
+        """The run's record says it got as far as ``stage`` (a run that starts over begins at ``claimed``)."""
+        return self.state is not None and STAGES.index(self.state.stage) >= STAGES.index(stage)
+
     @property
     def training_done(self) -> bool:
         """This run's final model is written (a rerun after a stop during its evaluation)."""
-        return not self.start_over and self.state is not None and self.state.stage in (TRAINED, FINISHED)
+        return self.reached(TRAINED)
 
     def begin(self) -> None:
-        """Before the first step: record the run; starting over, then clear the old run's checkpoints.
+        """Before any of the run's work: record it; starting over, then clear the old run's checkpoints.
 
-        The new run's id is on disk first, so a kill during the clearing leaves old checkpoints that
-        no longer count, never a mix of two runs.
+        The new run's id is on disk first (stage ``claimed``), so a kill during the clearing leaves
+        old checkpoints that no longer count, never a mix of two runs. A run that goes on keeps the
+        stage it had reached.
         """
         self._write()
         if self.records and self.start_over:
             clear_checkpoints(self.output_dir)
 
     def mark(self, stage: str) -> None:
-        """Record the run's progress (TRAINED, FINISHED)."""
+        """Record that the run reached ``stage``, before the work that follows it."""
         self.state.stage = stage
         self._write()
 

@@ -3,7 +3,8 @@
 ``save_checkpoint`` runs the Trainer's ``_save_checkpoint`` with ``LMTrainer._get_output_dir``
 pointed at ``OUTPUT_DIR/tmp-checkpoint-N`` (``trainer.checkpoint_staging``), so the Trainer writes
 ``<staging>/checkpoint-N`` with all its usual files on every process; the marker and the rename
-into place are utils/runs/checkpoints.py's. ``save_model_atomically`` replaces the final model's
+into place are utils/runs/checkpoints.py's, the checksums are taken as the files are saved
+(utils/train/save_digests.py). ``save_model_atomically`` replaces the final model's
 files one by one, each whole.
 """
 
@@ -15,6 +16,7 @@ import shutil
 from utils.files import fsync, output_mode
 from utils.runs.checkpoints import (MODEL_STAGING, checkpoint_name, publish, remove_leftovers, rotate,
                                     staging_folder, write_marker)
+from utils.train.save_digests import digests_of_saves
 
 
 def save_checkpoint(trainer, save, run_dir: str) -> None:
@@ -27,14 +29,15 @@ def save_checkpoint(trainer, save, run_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
     trainer.checkpoint_staging = staging
     try:
-        save()
+        with digests_of_saves(staging) as written:
+            save()
     finally:
         trainer.checkpoint_staging = None
     trainer.accelerator.wait_for_everyone()  # every process has written its RNG state
     staged = os.path.join(staging, name)
     _point_best_checkpoint_at(trainer, staging, run_dir, staged)
     if trainer.args.should_save:
-        write_marker(staged, step, trainer.run.run_id if trainer.run is not None else None)
+        write_marker(staged, step, trainer.run.run_id if trainer.run is not None else None, written)
         publish(staged, os.path.join(run_dir, name))
         os.rmdir(staging)
         # Only now that the new checkpoint is complete may older ones go.

@@ -12,7 +12,7 @@ from utils.files import read_json
 from utils.model.metrics import TokenAccuracy, perplexity
 from utils.report.results import write_model_card
 from utils.report.run_info import write_run_info
-from utils.runs.folder import FINISHED, TRAINED, RunFolder
+from utils.runs.folder import EVALUATED, FINISHED, TRAINED, TRAINING, RunFolder
 from utils.train.checkpointing import save_model_atomically
 from utils.train.failures import run_guard
 from utils.train.loss_tally import saved_mean_loss
@@ -54,7 +54,8 @@ def train_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
     if run is not None and run.training_done:
         return _trained_before(trainer)
     if run is not None:
-        run.begin()  # the run's record in --output_dir; starting over, the old checkpoints go
+        run.begin()  # the run's record in --output_dir (claimed); starting over, the old checkpoints go
+        run.mark(TRAINING)
     checkpoint = run.checkpoint if run is not None else None
     last = _last_step_state(trainer, checkpoint)
     if last is not None:
@@ -90,17 +91,23 @@ def train_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
 
 
 def evaluate_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
-    """Evaluate and write eval_results.json with loss, perplexity and accuracy."""
+    """Evaluate and write eval_results.json with loss, perplexity and accuracy, then the reports made from it."""
     stop_after_training(trainer)
-    with run_guard(trainer):
-        metrics = trainer.evaluate()
-    # The Hugging Face examples report perplexity without the eval_ prefix.
-    metrics["perplexity"] = metrics.pop("eval_perplexity", perplexity(metrics["eval_loss"]))
-    if n_samples is not None:
-        metrics["eval_samples"] = n_samples
-    trainer.log_metrics("eval", metrics)
-    with run_guard(trainer):  # a full disk: one line, and the rerun evaluates again
-        trainer.save_metrics("eval", metrics)
+    run = trainer.run
+    metrics = _evaluated_before(trainer) if run is not None and run.reached(EVALUATED) else None
+    if metrics is None:
+        with run_guard(trainer):
+            metrics = trainer.evaluate()
+        # The Hugging Face examples report perplexity without the eval_ prefix.
+        metrics["perplexity"] = metrics.pop("eval_perplexity", perplexity(metrics["eval_loss"]))
+        if n_samples is not None:
+            metrics["eval_samples"] = n_samples
+        trainer.log_metrics("eval", metrics)
+        with run_guard(trainer):  # a full disk: one line, and the rerun evaluates again
+            trainer.save_metrics("eval", metrics)
+        if run is not None:
+            run.mark(EVALUATED)
+    with run_guard(trainer):  # a full disk: one line, and the rerun writes these again
         if trainer.is_world_process_zero():
             # An evaluation-only run started no training to write it.
             write_run_info(trainer.args.output_dir, trainer.describe_run(), overwrite=False)
@@ -138,3 +145,15 @@ def _trained_before(trainer: LMTrainer) -> dict:
     logger.info("Training is done in %s: loading its final model, evaluating only", output_dir)
     trainer._load_from_checkpoint(output_dir)
     return read_json(os.path.join(output_dir, "train_results.json"))
+
+
+def _evaluated_before(trainer: LMTrainer) -> dict | None:
+    """A rerun whose evaluation was done before (a stop while its reports were written): those results."""
+    path = os.path.join(trainer.args.output_dir, "eval_results.json")
+    metrics = read_json(path)
+    if metrics is None:
+        logger.warning("%s is gone: evaluating again", path)
+        return None
+    logger.info("Evaluation is done in %s: reporting its results, evaluating no further", trainer.args.output_dir)
+    trainer.log_metrics("eval", metrics)
+    return metrics
