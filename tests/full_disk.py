@@ -3,7 +3,9 @@
     FULL_DISK_AT=checkpoint-N python tests/full_disk.py run_clm.py FLAGS...
 
 Every file opened for writing inside a folder named checkpoint-N (or a file of that name, as
-FULL_DISK_AT=train_results.json) fails with ENOSPC, as on a full disk; everything else is written as usual. Kept out of the shipped modules on purpose.
+FULL_DISK_AT=train_results.json) fails with ENOSPC, as on a full disk: it is opened (so created,
+or emptied, as a real open would) and the write fails. Everything else is written as usual. Kept
+out of the shipped modules on purpose.
 """
 
 import builtins
@@ -22,6 +24,7 @@ def _open_on_a_full_disk(file, mode="r", *args, **kwargs):
     parts = [part.removesuffix(".tmp") for part in os.path.normpath(os.fspath(file)).split(os.sep)] \
         if isinstance(file, (str, os.PathLike)) else []
     if writing and _FULL in parts:
+        _open(file, mode, *args, **kwargs).close()  # the open succeeds; the first write finds no space
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(file))
     return _open(file, mode, *args, **kwargs)
 

@@ -81,7 +81,7 @@ def test_a_kill_after_the_last_checkpoint_is_rerun_as_save_and_report(uninterrup
 
 def test_a_full_disk_on_the_results_is_one_line_and_the_rerun_only_saves(uninterrupted, text_files, tmp_path):
     out = tmp_path / "out"
-    for blocked in ("train_results.json", "README.md"):
+    for blocked in ("train_results.json", "all_results.json", "README.md"):
         command = [sys.executable, str(ROOT / "tests" / "full_disk.py"), str(ROOT / "run_clm.py"), *TINY["clm"], *RUN,
                    "--train_file", str(text_files["train"]), "--do_train", "--output_dir", str(out)]
         full = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -23,6 +23,7 @@ Every row starts with "| ", so the last one in a log is ``grep '^| ' train.log |
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -52,6 +53,21 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 # --------------------------------------------------------------------------- one run's numbers
+
+
+def save_results(output_dir: str, split: str, metrics: dict, combined: bool = True) -> None:
+    """``SPLIT_results.json`` and (``combined``) ``all_results.json``, merged, as the Trainer's
+    ``save_metrics`` writes them, but each file whole: a kill or a full disk leaves the old file,
+    never a cut one."""
+    write_text(os.path.join(output_dir, f"{split}_results.json"), _results_json(metrics))
+    if combined:
+        path = os.path.join(output_dir, ALL_RESULTS)
+        write_text(path, _results_json({**(read_json(path) or {}), **metrics}))
+
+
+def _results_json(metrics: dict) -> str:
+    return json.dumps(metrics, indent=4, sort_keys=True)  # the Trainer's format
+
 
 
 def config_model_label(output_dir: str) -> str:

@@ -13,6 +13,7 @@ from utils.launch.device import device_name
 from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
 from utils.model.loss import weigh_loss_by_num_items
 from utils.model.metrics import TokenAccuracy, perplexity
+from utils.report.results import save_results
 from utils.report.run_info import ReportCallback, run_info
 from utils.report.speed import SpeedCallback
 from utils.runs.folder import RunFolder
@@ -47,6 +48,7 @@ class LMTrainer(Trainer):
     ``get_eval_dataloader``
     ``_get_output_dir``,            complete-or-absent checkpoints               utils/train/checkpointing.py
     ``_save_checkpoint``
+    ``save_metrics``                results files written whole                  utils/report/results.py
     ==============================  ===========================================  ==============================
 
     Callbacks every run gets: ``ReportCallback`` (run_info.json, utils/report/run_info.py),
@@ -177,6 +179,10 @@ class LMTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         return workers_in_own_group(super().get_eval_dataloader(eval_dataset))
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        if self.is_world_process_zero():
+            save_results(self.args.output_dir, split, metrics, combined)
 
     def _get_output_dir(self, trial) -> str:
         return self.checkpoint_staging or super()._get_output_dir(trial)
