@@ -86,15 +86,6 @@ def timed(work) -> float:
     return time.perf_counter() - start
 
 
-def best(rounds: int, work) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = []

@@ -213,6 +213,25 @@ def test_a_trainer_checkpoint_is_checksummed_as_written(uninterrupted):
     assert zipfile.ZipFile(checkpoint / "optimizer.pt").namelist()[0].startswith("archive/")
 
 
+@pytest.mark.parametrize("precision", [{}, {"fp16": True, "fp16_opt_level": "O2"}], ids=["fp32", "fp16-O2"])
+def test_a_trainer_checkpoint_reads_back_only_its_small_text_files(tmp_path, monkeypatch, precision):
+    from amp_cases import make_trainer
+
+    import utils.runs.checkpoints as checkpoints
+
+    read = []
+    monkeypatch.setattr(checkpoints, "file_digest",
+                        lambda path, flush=False: read.append(os.path.basename(path)) or file_digest(path, flush))
+    trainer = make_trainer(tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=2, **precision)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    binary = {path.name for path in checkpoint.iterdir() if path.suffix not in (".json", ".txt")}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"} <= binary
+    assert read and not binary & set(read), read  # O2 saves fp32 weights from its masters: hashed as written too
+    for name, digest in read_json(checkpoint / "checkpoint_complete.json")["xxh3"].items():
+        assert digest == xxhash.xxh3_128((checkpoint / name).read_bytes()).hexdigest(), name
+
+
 def test_a_corrupt_file_over_1_mib_is_caught(tmp_path):
     path = tmp_path / "checkpoint-3"
     path.mkdir()

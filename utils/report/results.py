@@ -69,7 +69,6 @@ def _results_json(metrics: dict) -> str:
     return json.dumps(metrics, indent=4, sort_keys=True)  # the Trainer's format
 
 
-
 def config_model_label(output_dir: str) -> str:
     """The model as the saved config.json names it (runs without run_info.json)."""
     config = read_json(os.path.join(output_dir, "config.json")) or {}

@@ -8,9 +8,9 @@ that. A kill at any moment therefore leaves the previous checkpoints as they wer
 ``tmp-`` folder that the next save removes. The marker also holds the run's id (``RunFolder``,
 utils/runs/folder.py) and a fast checksum (xxh3-128) of every file, taken from the bytes as
 they are saved (utils/train/save_digests.py) or, for the few small files written otherwise, in
-the pass that flushes them to disk. Resuming takes the newest checkpoint of the run whose marker matches its
-files and says which ones it skipped; one whose files no longer match its marker (rotted, edited,
-truncated) is moved aside to ``damaged-checkpoint-N``, never deleted.
+the pass that flushes them to disk. Resuming takes the newest checkpoint of the run whose
+marker matches its files and says which ones it skipped; one whose files no longer match its
+marker (rotted, edited, truncated) is moved aside to ``damaged-checkpoint-N``, never deleted.
 
 Rotation goes by step number, and a checkpoint is renamed aside (``tmp-checkpoint-N-old``) before
 it is deleted, so a kill during the deletion leaves no half-deleted ``checkpoint-N`` to be counted.

@@ -16,10 +16,11 @@ is passed on (to ``train_and_evaluate``): no other module decides about the fold
   (utils/train/steps.py). Checkpoints carry the id (utils/runs/checkpoints.py), so that a resume
   never takes a checkpoint of an earlier run left in the same folder.
 * **What a start decides**: the same command as a finished run is a no-op (``NothingToDo``); as a
-  trained one it only evaluates, as an evaluated one it only reports; as an unfinished one it resumes, with or without
-  ``--overwrite_output_dir`` (a preempted ``--overwrite_output_dir`` command resumes when run
-  again). Another command resumes an unfinished run, starts over with ``--overwrite_output_dir``,
-  and is refused in a finished run's folder without it.
+  trained one it only evaluates, as an evaluated one it only writes the reports; as an unfinished
+  one it resumes, with or without ``--overwrite_output_dir`` (a preempted
+  ``--overwrite_output_dir`` command resumes when run again). Another command resumes an
+  unfinished run, starts over with ``--overwrite_output_dir``, and is refused in a finished run's
+  folder without it.
 
 Used as a context manager (``with RunFolder.claim(args) as run:``), a start refused with a
 ``UsageError`` lets the lock go and removes the folder if the claim made it and it is still empty.
@@ -55,7 +56,9 @@ SHARDING = "sharding.json"
 NOT_RESULTS = re.compile(rf"train(_node\d+)?\.log|{re.escape(RUN_INFO)}|{LEFTOVER.pattern}"
                          rf"|{re.escape(RUN_STATE)}(\.tmp)?|runs")
 
-STAGES = CLAIMED, TRAINING, TRAINED, EVALUATED, FINISHED = "claimed", "training", "trained", "evaluated", "finished"
+# The run's stages, in order (the module doc says what each means).
+STAGES = CLAIMED, TRAINING, TRAINED, EVALUATED, FINISHED = (
+    "claimed", "training", "trained", "evaluated", "finished")
 UNFINISHED = (CLAIMED, TRAINING)  # training goes on (or starts) in a rerun
 
 
