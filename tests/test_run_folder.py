@@ -31,6 +31,26 @@ def log(process) -> str:
     return process.stdout + process.stderr
 
 
+def spy_on_reads(monkeypatch, relative_to) -> list[str]:
+    """The files the checkpoint marker reads back to checksum them, as paths relative to ``relative_to``."""
+    import utils.runs.checkpoints as checkpoints
+
+    read = []
+
+    def reading(path, flush=False):
+        read.append(os.path.relpath(path, relative_to))
+        return file_digest(path, flush)
+
+    monkeypatch.setattr(checkpoints, "file_digest", reading)
+    return read
+
+
+def assert_checksums_are_the_files_own(checkpoint) -> None:
+    """Independently of the writer: each checksum in the marker is xxh3-128 of the file's bytes on disk."""
+    for name, digest in read_json(checkpoint / "checkpoint_complete.json")["xxh3"].items():
+        assert digest == xxhash.xxh3_128((checkpoint / name).read_bytes()).hexdigest(), name
+
+
 def flip_4k(path) -> None:
     """4 KiB in the middle of the file inverted: same size, other bytes (bit rot, a bad copy)."""
     data = bytearray(path.read_bytes())
@@ -167,7 +187,6 @@ def test_checkpoint_checksums_are_taken_as_the_files_are_saved_not_read_back(tmp
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    import utils.runs.checkpoints as checkpoints
     from utils.train.save_digests import digests_of_saves
 
     folder = tmp_path / "tmp-checkpoint-1" / "checkpoint-1"
@@ -184,9 +203,7 @@ def test_checkpoint_checksums_are_taken_as_the_files_are_saved_not_read_back(tmp
     assert str(tmp_path / "elsewhere.pt") not in written
     assert torch.save.__module__ == "torch.serialization"  # the writers are themselves again after the block
 
-    read = []
-    monkeypatch.setattr(checkpoints, "file_digest",
-                        lambda path, flush=False: read.append(os.path.relpath(path, folder)) or file_digest(path, flush))
+    read = spy_on_reads(monkeypatch, folder)
     write_marker(str(folder), 1, written=written)
     assert not {"model.safetensors", "bf16/model.safetensors", "optimizer.pt"} & set(read)
     assert {"config.json", "tokenizer.json"} <= set(read)  # written another way: read back once
@@ -194,8 +211,7 @@ def test_checkpoint_checksums_are_taken_as_the_files_are_saved_not_read_back(tmp
     marker = read_json(folder / "checkpoint_complete.json")
     assert set(marker["xxh3"]) == {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {
         "checkpoint_complete.json"}
-    for name, digest in marker["xxh3"].items():
-        assert digest == xxhash.xxh3_128((folder / name).read_bytes()).hexdigest(), name
+    assert_checksums_are_the_files_own(folder)
     assert checkpoint_problem(str(folder)) is None
     loaded = torch.load(folder / "optimizer.pt")
     assert torch.equal(loaded["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
@@ -205,9 +221,7 @@ def test_checkpoint_checksums_are_taken_as_the_files_are_saved_not_read_back(tmp
 
 def test_a_trainer_checkpoint_is_checksummed_as_written(uninterrupted):
     checkpoint = uninterrupted / "checkpoint-4"
-    marker = read_json(checkpoint / "checkpoint_complete.json")
-    for name, digest in marker["xxh3"].items():
-        assert digest == xxhash.xxh3_128((checkpoint / name).read_bytes()).hexdigest(), name
+    assert_checksums_are_the_files_own(checkpoint)
     # torch.save names the archive inside after the file, but "archive" when it writes into a file
     # object: the optimizer state went through the hashing writer.
     assert zipfile.ZipFile(checkpoint / "optimizer.pt").namelist()[0].startswith("archive/")
@@ -217,19 +231,15 @@ def test_a_trainer_checkpoint_is_checksummed_as_written(uninterrupted):
 def test_a_trainer_checkpoint_reads_back_only_its_small_text_files(tmp_path, monkeypatch, precision):
     from amp_cases import make_trainer
 
-    import utils.runs.checkpoints as checkpoints
-
-    read = []
-    monkeypatch.setattr(checkpoints, "file_digest",
-                        lambda path, flush=False: read.append(os.path.basename(path)) or file_digest(path, flush))
+    read = spy_on_reads(monkeypatch, tmp_path / "out")
     trainer = make_trainer(tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=2, **precision)
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     binary = {path.name for path in checkpoint.iterdir() if path.suffix not in (".json", ".txt")}
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"} <= binary
-    assert read and not binary & set(read), read  # O2 saves fp32 weights from its masters: hashed as written too
-    for name, digest in read_json(checkpoint / "checkpoint_complete.json")["xxh3"].items():
-        assert digest == xxhash.xxh3_128((checkpoint / name).read_bytes()).hexdigest(), name
+    read = {os.path.basename(path) for path in read}
+    assert read and not binary & read, read  # O2 saves fp32 weights from its masters: hashed as written too
+    assert_checksums_are_the_files_own(checkpoint)
 
 
 def test_a_corrupt_file_over_1_mib_is_caught(tmp_path):
