@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tiers import slow_reason
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 TOKENIZERS = DATA / "tokenizers"
@@ -98,3 +100,12 @@ def free_port() -> int:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------ the quick tier: pytest -m "not slow"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # slow: starts a process or trains more than a few steps, read from its code (tests/tiers.py)
+        if why := slow_reason(item):
+            item.add_marker(pytest.mark.slow(reason=why))

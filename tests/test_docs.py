@@ -60,3 +60,10 @@ def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
     page.write_text("# Page\n\n[a](#page) [b](other.md#other-page) [c](https://example.com)\n"
                     "[d](missing.md) [e](other.md#nowhere)\n```\n[f](in-code.md)\n```\n")
     assert broken_links(page) == ["missing.md (no such file)", "other.md#nowhere (no such heading)"]
+
+
+def test_readme_gives_the_quick_tier_on_the_line_after_its_marker():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    command = lines[lines.index("   <!-- quick-test-command -->") + 1].strip()
+    assert command == 'python3 -m pytest -n 2 -m "not slow"'
+    assert '"slow:' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # the marker is registered
