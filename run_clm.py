@@ -18,6 +18,7 @@ from utils.data.collators import CausalLMCollator
 from utils.data.prepare import prepare_datasets
 from utils.data.raw import load_raw_datasets
 from utils.flags.arguments import parse_args
+from utils.flags.parser import DATA
 from utils.launch.start import start_run
 from utils.model.loading import load_config, load_model, load_tokenizer, resolve_seq_len
 from utils.model.metrics import TokenAccuracy
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CausalLMArguments:
+    _argument_group_name = DATA  # where --help lists its flags
+
     block_size: int | None = field(
         default=None,
         metadata={"help": "Length of the training blocks the text is packed into (default: the model's maximum, at most 1024)."},

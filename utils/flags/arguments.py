@@ -6,17 +6,17 @@ dataclass of its own flags (``--block_size``, ``--mlm_probability``, ...).
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
-from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_SCALE_WINDOW
+from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_OPT_LEVEL, DEFAULT_SCALE_WINDOW, OPT_LEVELS
 from utils.cli import Command
 from utils.errors import UsageError
-from utils.flags.checks import (check_chunk_flags, check_counts, check_optimizer_numbers, check_sample_counts,
+from utils.flags.checks import (AMP_BACKENDS, check_chunk_flags, check_counts, check_optimizer_numbers, check_sample_counts,
                                 check_scaling_flags, precision_config)
 from utils.flags.legacy import translate_flags, translate_values
+from utils.flags.parser import DATA, MODEL, PRECISION, RUN, flag_parser
 from utils.flags.secrets import mask_command, secret_values
 from utils.launch.device import check_placement, setup_device, training_defaults
 
@@ -24,6 +24,8 @@ from utils.launch.device import check_placement, setup_device, training_defaults
 @dataclass
 class ModelArguments:
     """Which model, config and tokenizer to start from."""
+
+    _argument_group_name = MODEL
 
     model_name_or_path: str | None = field(
         default=None,
@@ -86,6 +88,8 @@ class ModelArguments:
 class DataArguments:
     """Which text to train and evaluate on, and how to prepare it."""
 
+    _argument_group_name = DATA
+
     dataset_name: str | None = field(
         default=None, metadata={"help": "Dataset name on the hub (e.g. wikitext), or a local dataset folder."}
     )
@@ -134,6 +138,8 @@ class DataArguments:
 class SequenceArguments:
     """How mlm and plm cut text into sequences."""
 
+    _argument_group_name = DATA
+
     max_seq_length: int | None = field(
         default=None,
         metadata={"help": "Sequence length after tokenization (default: the model's maximum, at most 1024)."},
@@ -149,8 +155,16 @@ class SequenceArguments:
 
 @dataclass
 class LMTrainingArguments(TrainingArguments):
-    """transformers' TrainingArguments plus the flags this suite adds."""
+    """transformers' TrainingArguments plus the flags this suite adds (in --help: the run folder's group unless a
+    field names another, utils/flags/parser.py)."""
 
+    _argument_group_name = RUN
+
+    output_dir: str | None = field(  # transformers' flag, with what happens when it is not given
+        default=None,
+        metadata={"help": "Where the run writes its checkpoints, final model and results (default: trainer_output, "
+                          "in the current folder: transformers' default)."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in a non-empty --output_dir instead of resuming from its last checkpoint."},
@@ -169,41 +183,48 @@ class LMTrainingArguments(TrainingArguments):
     )
     fp16_opt_level: str | None = field(
         default=None,
-        metadata={"help": "Mixed-precision level with --fp16 or --bf16 (default O1), as apex's: O0 fp32; O1 fp32 "
-                          "weights, forward under autocast; O2 half weights except norms, fp32 master weights in the "
-                          "optimizer; O3 everything half, optimizer state too (a speed baseline; fp16 O3 needs "
-                          "--adam_epsilon 1e-4 or more)."},
+        metadata={"help": f"Mixed-precision level with --fp16 or --bf16, as apex's: O0 fp32; O1 fp32 weights, "
+                          "forward under autocast; O2 half weights except norms, fp32 master weights in the optimizer; "
+                          "O3 everything half, optimizer state too (a speed baseline; fp16 O3 needs --adam_epsilon "
+                          f"1e-4 or more). (default: {DEFAULT_OPT_LEVEL} with --fp16 or --bf16, else O0)",
+                  "choices": list(OPT_LEVELS), "group": PRECISION},
     )
     loss_scale: str = field(
         default="dynamic",
         metadata={"help": "fp16 loss scale: 'dynamic' (start at 2**16, halve and skip the step on inf/NaN gradients, "
-                          "double after --loss_scale_window clean steps) or a fixed positive number. bf16 needs none."},
+                          "double after --loss_scale_window clean steps) or a fixed positive number. bf16 needs none.",
+                  "group": PRECISION},
     )
     loss_scale_window: int = field(
         default=DEFAULT_SCALE_WINDOW,
-        metadata={"help": "With --loss_scale dynamic: clean steps after which the loss scale doubles."},
+        metadata={"help": "With --loss_scale dynamic: clean steps after which the loss scale doubles.",
+                  "group": PRECISION},
     )
     min_loss_scale: float = field(
         default=DEFAULT_MIN_SCALE,
         metadata={"help": "With --loss_scale dynamic: the scale never drops below this; when fp16 gradients keep "
-                          "overflowing at it, training stops with exit status 3 instead of skipping every step."},
+                          "overflowing at it, training stops with exit status 3 instead of skipping every step.",
+                  "group": PRECISION},
     )
     use_combine_grad: bool = field(
         default=False,
         metadata={"help": "Keep weights, gradients and master weights in flat buffers, so that unscaling, clipping, "
                           "the optimizer step and the DDP all-reduce each run over a few large tensors. Needs --fp16 "
-                          "or --bf16."},
+                          "or --bf16.",
+                  "group": PRECISION},
     )
     loss_chunk_size: int = field(
         default=0,
         metadata={"help": "Compute the output layer and the loss this many tokens at a time (e.g. 1024), so that "
                           "the [tokens, vocabulary] logits and their gradient are never held whole: much less memory "
-                          "for large vocabularies, the same loss up to float rounding. 0 (default): off."},
+                          "for large vocabularies, the same loss up to float rounding. 0: off.",
+                  "group": PRECISION},
     )
     amp_backend: str = field(
         default="auto",
         metadata={"help": "Who does --fp16/--bf16: 'auto' takes apex's amp when an apex release that has it is "
-                          "installed (fp16 only), else the suite's native one; 'native' or 'apex' force one."},
+                          "installed (fp16 only), else the suite's native one; 'native' or 'apex' force one.",
+                  "choices": list(AMP_BACKENDS), "group": PRECISION},
     )
 
     # What the run is, noted at parsing (``note_run``) for run_info.json and the run folder; not flags.
@@ -211,8 +232,10 @@ class LMTrainingArguments(TrainingArguments):
     run_dataset: str = field(default="unknown", init=False)
     run_command: list = field(default_factory=list, init=False)  # script and flags, hub tokens masked
     run_fingerprint: str = field(default="", init=False)  # tells this command from another (utils.cli.Command)
+    output_dir_given: bool = field(default=True, init=False)  # False: transformers' default folder, trainer_output
 
     def __post_init__(self):
+        self.output_dir_given = self.output_dir is not None  # TrainingArguments puts its default in
         # Checked before TrainingArguments' own checks, whose messages name no flag (utils/flags/checks.py).
         self.amp_config = precision_config(self)  # the one AmpConfig of the run; None for fp32
         check_scaling_flags(self)
@@ -231,18 +254,6 @@ class LMTrainingArguments(TrainingArguments):
         state = dict(self.__dict__)
         state["hub_token"] = None
         return state
-
-
-class _Parser(HfArgumentParser):
-    def error(self, message):
-        # argparse's default prints the whole usage text; one line is easier to act on.
-        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
-
-
-def flag_parser(*types, prog: str | None = None) -> HfArgumentParser:
-    """The parser of these argument dataclasses' flags; errors are one line and exit status 2."""
-    return _Parser(types, prog=prog)
 
 
 def model_label(model_args) -> str:
