@@ -18,12 +18,25 @@ from utils.launch.device import describe_device
 logger = logging.getLogger(__name__)
 
 
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"  # the Hugging Face examples' format
+LOG_DATE_FORMAT = "%m/%d/%Y %H:%M:%S"
+
+
 def setup_logging(training_args) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
+    """One handler, on the root logger, for our lines, transformers' and datasets': one format, each line once.
+
+    transformers and datasets each put a handler of their own on their library's logger. transformers'
+    (its own format, on stderr) stops its records from reaching the root; datasets' (plain, on stderr)
+    lets them through as well, so that every datasets line came out twice. Both are removed and their
+    records go to the root handler.
+    """
+    logging.basicConfig(format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    datasets_logger = logging.getLogger("datasets")
+    for handler in list(datasets_logger.handlers):
+        datasets_logger.removeHandler(handler)
+    datasets_logger.propagate = True
     if training_args.should_log:
         # The default log_level is "passive"; like the Hugging Face examples, show info then.
         transformers.utils.logging.set_verbosity_info()
@@ -34,8 +47,6 @@ def setup_logging(training_args) -> None:
     logging.getLogger(os.path.splitext(Command.of_process().name)[0]).setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
 
 
 def start_run(training_args) -> None:

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from utils.files import read_json, write_json
 from utils.launch.device import describe_device, tf32_matmul
 from utils.report.speed import effective_batch_size
-from utils.runs.folder import RUN_INFO
+from utils.runs.folder import RUN_INFO, describe_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +48,23 @@ def run_info(args, precision: dict, optimizer: dict | None = None) -> dict:
     }
 
 
-def log_run_setup(info: dict) -> None:
+def log_run_setup(info: dict, output_dir: str, start: str) -> None:
+    """The run setup, once, before the first progress bar: ``output_dir`` as ``describe_output_dir`` names it,
+    ``start`` as ``RunFolder.describe_start`` does."""
     optimizer = info.get("optimizer") or {}
     logger.info(
         "Run setup:\n"
+        "  model: %s\n"
+        "  data: %s\n"
+        "  output folder: %s\n"
+        "  start: %s\n"
         "  device: %s\n"
         "  world size: %d\n"
         "  precision: %s, backend %s, opt level %s, combine_grad %s, loss scale %s\n"
         "  effective batch size %d = %d per device x %d accumulation steps x %d processes\n"
         "  optimizer: %s, %s kernel\n"
         "  TF32 matmul: %s",
-        info["device"], info["world_size"],
+        info["model"], info["dataset"], output_dir, start, info["device"], info["world_size"],
         info["precision"], info["precision_backend"], info["opt_level"] or "n/a", info["combine_grad"],
         info["loss_scale"] if info["loss_scale"] is not None else "none",
         info["effective_batch_size"], info["per_device_train_batch_size"], info["gradient_accumulation_steps"],
@@ -76,13 +82,23 @@ def write_run_info(output_dir: str, info: dict, overwrite: bool = True) -> None:
 
 
 class ReportCallback(TrainerCallback):
-    """Logs the setup and writes run_info.json when training starts; ``describe()`` gives ``run_info``."""
+    """Logs the setup and writes run_info.json when training starts; ``describe()`` gives ``run_info``,
+    ``start()`` how the run starts in its folder. It is to come before the progress bar's callback, so
+    that the setup is not printed in the middle of the bar."""
 
-    def __init__(self, describe: Callable[[], dict]):
+    def __init__(self, describe: Callable[[], dict], start: Callable[[], str]):
         self.describe = describe
+        self.start = start
+        self.logged = False
+
+    def log_setup_once(self, args) -> dict:
+        """Log the run setup unless this process did already (training, then evaluating); returns ``run_info``."""
+        info = self.describe()
+        if not self.logged:
+            log_run_setup(info, describe_output_dir(args), self.start())
+            self.logged = True
+        return info
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            info = self.describe()
-            log_run_setup(info)
-            write_run_info(args.output_dir, info)
+            write_run_info(args.output_dir, self.log_setup_once(args))

@@ -96,6 +96,12 @@ def check_output_dir(output_dir: str) -> None:
         raise UsageError(f"--output_dir {output_dir}: {existing} is not writable")
 
 
+def describe_output_dir(args) -> str:
+    """--output_dir as the logs name it: the full path, and when it was not given, that it is the default."""
+    path = os.path.abspath(args.output_dir)
+    return path if getattr(args, "output_dir_given", True) else f"{path} (--output_dir not given: transformers' default, trainer_output)"
+
+
 class RunFolder:
     """This process's claim on --output_dir (see the module doc)."""
 
@@ -122,6 +128,8 @@ class RunFolder:
         """
         check_output_dir(training_args.output_dir)
         folder = cls(training_args.output_dir, writes=training_args.should_save)
+        if folder.writes:  # named before any work, the default folder too
+            logger.info("Output folder: %s", describe_output_dir(training_args))
         with training_args.main_process_first(local=False, desc="claiming --output_dir"):
             if folder.writes:
                 folder._lock()
@@ -192,6 +200,14 @@ class RunFolder:
                 "choose another folder, or add --overwrite_output_dir to train over it"
             )
         return None
+
+    def describe_start(self) -> str:
+        """How the run starts in the folder, as the run setup names it."""
+        if self.checkpoint is not None:
+            return f"resuming from {self.checkpoint}"
+        if self.training_done:
+            return "trained before: evaluating only"
+        return "starting over (--overwrite_output_dir)" if self.start_over else "fresh start"
 
     def check_resumable(self, model) -> None:
         """The checkpoint to resume from is one this model can load (utils/runs/resume_check.py)."""

@@ -96,6 +96,8 @@ def evaluate_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
     run = trainer.run
     metrics = _evaluated_before(trainer) if run is not None and run.reached(EVALUATED) else None
     if metrics is None:
+        if trainer.is_world_process_zero():
+            trainer.report.log_setup_once(trainer.args)  # evaluation only: the setup before its progress bar
         with run_guard(trainer):
             metrics = trainer.evaluate()
         # The Hugging Face examples report perplexity without the eval_ prefix.

@@ -92,9 +92,12 @@ class LMTrainer(Trainer):
         self.speed = SpeedCallback(self.args.fps_warmup_steps, tokens_per_sample, device_name(self.args.device.type))
         scaler_skips = self.precision is not None and self.precision.config.skips_overflowing_steps
         self.loss_tally = LossTally(self)
-        for callback in (self.loss_tally, ReportCallback(self.describe_run), self.speed, PreemptionCallback(),
+        for callback in (self.loss_tally, self.speed, PreemptionCallback(),
                          NonFiniteLossCallback(self.loss_tally, self.args.on_nonfinite_loss, scaler_skips=scaler_skips)):
             self.add_callback(callback)
+        # First of all callbacks: the run setup is logged before the progress bar starts.
+        self.report = ReportCallback(self.describe_run, self.describe_start)
+        self.callback_handler.callbacks.insert(0, self.report)
         setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds
 
     def describe_run(self) -> dict:
@@ -104,6 +107,10 @@ class LMTrainer(Trainer):
         optimizer = None if self.optimizer is None else {
             "optimizer": {"name": optim, "implementation": implementation(self.optimizer)}}
         return run_info(self.args, precision, optimizer)
+
+    def describe_start(self) -> str:
+        """How training starts in the run folder, for the run setup."""
+        return self.run.describe_start() if self.run is not None else "fresh start"
 
     # ---------------------------------------------------------------- mixed precision
 
