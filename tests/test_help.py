@@ -10,9 +10,9 @@ import pytest
 import run_clm
 from conftest import run_script
 from utils.flags.arguments import DataArguments, LMTrainingArguments, ModelArguments
-from utils.flags.parser import DATA, PRECISION, RUN, TRAINER, flag_parser
 
 SUITE_GROUPS = ["precision", "model", "data", "run folder and launchers"]
+TRAINER = "transformers' Trainer (TrainingArguments)"
 
 
 def main_output(capsys, *args) -> tuple[int, str, str]:
@@ -80,6 +80,8 @@ def test_a_flag_far_from_any_gets_no_guess(capsys):
 
 
 def test_a_flag_added_to_a_suite_dataclass_lands_in_a_group():
+    from utils.flags.parser import DATA, PRECISION, RUN, flag_parser
+
     # What another flag of the suite would look like: on LMTrainingArguments (with and without a group of its
     # own), on a data dataclass, and on a new dataclass that names no group.
     @dataclass

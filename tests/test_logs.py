@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from conftest import ROOT, TINY, WIKI_TEST_RAW
 from utils.launch.start import setup_logging
-from utils.runs.folder import RunFolder, describe_output_dir
+from utils.runs import folder
 
 RECORD = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d - (DEBUG|INFO|WARNING|ERROR|CRITICAL) - ([\w.]+) - (.*)$")
 
@@ -41,19 +41,19 @@ def test_a_run_prints_one_format_each_line_once_and_its_setup_before_the_bar(tmp
     assert [line for line in lines if line in datasets_messages] == []
 
     # The output folder first, before any data is read; the default one said to be the default.
-    folder = tmp_path / "trainer_output"
+    default = tmp_path / "trainer_output"
     named = [i for i, match in records if match.group(3).startswith("Output folder: ")]
     assert len(named) == 1 and named[0] < min(i for i, match in records if match.group(2).startswith("datasets"))
-    assert lines[named[0]].endswith(f"Output folder: {folder} (--output_dir not given: transformers' default, "
+    assert lines[named[0]].endswith(f"Output folder: {default} (--output_dir not given: transformers' default, "
                                     "trainer_output)")
-    assert (folder / "train_results.json").is_file()
+    assert (default / "train_results.json").is_file()
 
     # The run setup once, whole, before the progress bar starts.
     assert log.count("Run setup:") == 1
     start = next(i for i, line in enumerate(lines) if line.endswith("Run setup:"))
     end = next(i for i in range(start + 1, len(lines)) if not re.match(r"^  [a-zA-Z][\w ]*: ", lines[i]))
     setup = "\n".join(lines[start:end])
-    for text in ("model: gpt2", f"data: {train}", f"output folder: {folder} (--output_dir not given",
+    for text in ("model: gpt2", f"data: {train}", f"output folder: {default} (--output_dir not given",
                  "start: fresh start", "device: cpu", "precision: fp32"):
         assert text in setup, text
     assert log.index("Run setup:") < log.index("0%|")
@@ -68,15 +68,15 @@ def test_datasets_and_transformers_lines_go_through_the_one_root_handler():
 def test_the_output_folder_is_named_whole_and_the_default_said_so(tmp_path):
     given = SimpleNamespace(output_dir=str(tmp_path / "out"), output_dir_given=True)
     default = SimpleNamespace(output_dir="trainer_output", output_dir_given=False)
-    assert describe_output_dir(given) == str(tmp_path / "out")
-    assert describe_output_dir(default) == (f"{os.path.abspath('trainer_output')} "
+    assert folder.describe_output_dir(given) == str(tmp_path / "out")
+    assert folder.describe_output_dir(default) == (f"{os.path.abspath('trainer_output')} "
                                             "(--output_dir not given: transformers' default, trainer_output)")
 
 
 def test_the_setup_says_fresh_start_resume_or_start_over(tmp_path):
-    folder = RunFolder(str(tmp_path), writes=False)
-    assert folder.describe_start() == "fresh start"
-    folder.start_over = True
-    assert folder.describe_start() == "starting over (--overwrite_output_dir)"
-    folder.checkpoint = str(tmp_path / "checkpoint-4")
-    assert folder.describe_start() == f"resuming from {tmp_path / 'checkpoint-4'}"
+    run = folder.RunFolder(str(tmp_path), writes=False)
+    assert run.describe_start() == "fresh start"
+    run.start_over = True
+    assert run.describe_start() == "starting over (--overwrite_output_dir)"
+    run.checkpoint = str(tmp_path / "checkpoint-4")
+    assert run.describe_start() == f"resuming from {tmp_path / 'checkpoint-4'}"
