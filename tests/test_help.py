@@ -1,5 +1,6 @@
 """--help leads with the suite's flags in named groups, with real defaults; a mistyped flag gets "did you mean"."""
 
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ import pytest
 
 import run_clm
 from conftest import run_script
+from utils.errors import UsageError
 from utils.flags.arguments import DataArguments, LMTrainingArguments, ModelArguments
 
 SUITE_GROUPS = ["precision", "model", "data", "run folder and launchers"]
@@ -72,6 +74,14 @@ def test_a_mistyped_flag_gets_did_you_mean(capsys):
     assert status == 2
     assert err.splitlines() == [
         "error: unrecognized arguments: --fp16_opt_levle O2; did you mean --fp16_opt_level? (see run_clm.py --help)"]
+
+
+def test_a_mistyped_key_in_a_file_of_flags_gets_did_you_mean(tmp_path):
+    flags = tmp_path / "flags.json"
+    flags.write_text(json.dumps({"model_type": "gpt2", "fp16_opt_levle": "O2", "output_dir": str(tmp_path / "out")}))
+    with patch.object(sys, "argv", ["run_clm.py", str(flags)]), pytest.raises(UsageError) as error:
+        run_clm.main()
+    assert str(error.value) == "unknown flag 'fp16_opt_levle' in the file of flags; did you mean 'fp16_opt_level'?"
 
 
 def test_a_flag_far_from_any_gets_no_guess(capsys):

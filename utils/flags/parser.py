@@ -18,6 +18,8 @@ from typing import get_type_hints
 
 from transformers import HfArgumentParser
 
+from utils.errors import UsageError
+
 # The groups --help shows, in this order, before the Trainer's.
 PRECISION = "precision"
 MODEL = "model"
@@ -95,20 +97,26 @@ class FlagParser(HfArgumentParser):
 
     def error(self, message):
         # argparse's default prints the whole usage text; one line is easier to act on.
-        sys.stderr.write(f"error: {message}{self._did_you_mean(message)} (see {self.prog} --help)\n")
+        guess = ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("--")]
+            guess = next((f"; did you mean {close}?" for close in map(self.closest_flag, flags) if close), "")
+        sys.stderr.write(f"error: {message}{guess} (see {self.prog} --help)\n")
         sys.exit(2)
 
-    def _did_you_mean(self, message: str) -> str:
-        """``; did you mean --X?`` for the first unrecognized flag that is close to a real one."""
-        if not message.startswith("unrecognized arguments:"):
-            return ""
+    def closest_flag(self, flag: str) -> str | None:
+        """The flag a mistyped ``--flag`` most likely meant, if one is close enough."""
         flags = [option for option in self._option_string_actions if option.startswith("--") and "-" not in option[2:]]
-        for word in message.split(":", 1)[1].split():
-            if word.startswith("--"):
-                close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)
-                if close:
-                    return f"; did you mean {close[0]}?"
-        return ""
+        return next(iter(difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)), None)
+
+    def parse_dict(self, args: dict, allow_extra_keys: bool = False):
+        # A file of flags: a key that is no flag is named, with the closest flag, as on a command line.
+        unknown = sorted(set(args) - {action.dest for action in self._actions})
+        if unknown and not allow_extra_keys:
+            close = self.closest_flag(f"--{unknown[0]}")
+            raise UsageError(f"unknown flag {unknown[0]!r} in the file of flags"
+                             + (f"; did you mean {close[2:]!r}?" if close else ""))
+        return super().parse_dict(args, allow_extra_keys=allow_extra_keys)
 
 
 def flag_parser(*types, prog: str | None = None) -> FlagParser:
