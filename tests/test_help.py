@@ -112,7 +112,8 @@ def test_a_flag_added_to_a_suite_dataclass_lands_in_a_group():
     assert "--new_precision_flag" in shown[PRECISION]
     assert "--new_run_flag" in shown[RUN]
     assert "--new_data_flag" in shown[DATA]
-    assert list(shown)[-2:] == ["ObjectiveArguments", TRAINER] and shown["ObjectiveArguments"] == ["--new_objective_flag"]
+    assert list(shown)[-2:] == ["ObjectiveArguments", TRAINER]
+    assert shown["ObjectiveArguments"] == ["--new_objective_flag"]
     assert "--new_run_flag" not in shown[TRAINER] and "--learning_rate" in shown[TRAINER]
 
 

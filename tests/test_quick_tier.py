@@ -58,6 +58,11 @@ def counts_steps_without_training():
     return {"max_steps": 40}
 
 
+@pytest.mark.parametrize("case", [starts_a_script])
+def is_given_a_starter_as_data(case):
+    return case
+
+
 @pytest.mark.parametrize("function, why", [
     (starts_a_script, "starts a process (subprocess.run)"),
     (starts_a_process_itself, "starts a process (subprocess.run)"),
@@ -67,6 +72,7 @@ def counts_steps_without_training():
     (trains_a_few_steps, None),
     (trains_once_whichever_branch, None),
     (counts_steps_without_training, None),
+    (is_given_a_starter_as_data, None),
 ])
 def test_a_test_is_slow_when_its_code_starts_a_process_or_trains_more_than_a_few_steps(function, why):
     assert reach(function).slow == why

@@ -58,10 +58,12 @@ def _steps_in(values) -> int:
 
 def _call_steps(call: ast.Call) -> int | None:
     """The steps a call asks for itself (max_steps=N, "--max_steps", "N"), or None when it names none."""
-    keywords = [(k.arg, k.value.value) for k in call.keywords if k.arg in STEP_FLAGS and isinstance(k.value, ast.Constant)]
+    keywords = [part for k in call.keywords if k.arg in STEP_FLAGS and isinstance(k.value, ast.Constant)
+                for part in (k.arg, k.value.value)]
     constants = [node.value for arg in call.args for node in ast.walk(arg) if isinstance(node, ast.Constant)]
-    named = any(k.arg in STEP_FLAGS for k in call.keywords) or any(c in STEP_FLAGS for c in constants if isinstance(c, str))
-    return max(_steps_in([v for pair in keywords for v in pair]), _steps_in(constants)) if named else None
+    named = any(k.arg in STEP_FLAGS for k in call.keywords) or any(isinstance(c, str) and c in STEP_FLAGS
+                                                                    for c in constants)
+    return max(_steps_in(keywords), _steps_in(constants)) if named else None
 
 
 def _is_ours(obj) -> bool:
@@ -83,6 +85,8 @@ def reach(function, fixtures: frozenset = frozenset()) -> Reach:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
         return found
+    for definition in tree.body:  # its decorators (@pytest.mark.parametrize) hold data, not what it runs
+        definition.decorator_list = []
     names = dict(vars(inspect.getmodule(function) or sys))  # what its module's names stand for
     for node in ast.walk(tree):  # and names imported inside it: `from conftest import run_script`
         if isinstance(node, ast.ImportFrom) and node.module in sys.modules:
@@ -94,8 +98,9 @@ def reach(function, fixtures: frozenset = frozenset()) -> Reach:
         if isinstance(node, ast.arguments):
             defaults = [*zip([*node.posonlyargs, *node.args][::-1], node.defaults[::-1]),
                         *zip(node.kwonlyargs, node.kw_defaults)]
-            found.steps = max(found.steps, _steps_in([part for arg, default in defaults if isinstance(default, ast.Constant)
-                                                      for part in (arg.arg, default.value)]))
+            pairs = [part for arg, default in defaults if isinstance(default, ast.Constant)
+                     for part in (arg.arg, default.value)]
+            found.steps = max(found.steps, _steps_in(pairs))
 
     def ours(node):
         target = names.get(node.id) if isinstance(node, ast.Name) else None

@@ -13,8 +13,8 @@ from transformers import TrainingArguments
 from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_OPT_LEVEL, DEFAULT_SCALE_WINDOW, OPT_LEVELS
 from utils.cli import Command
 from utils.errors import UsageError
-from utils.flags.checks import (AMP_BACKENDS, check_chunk_flags, check_counts, check_optimizer_numbers, check_sample_counts,
-                                check_scaling_flags, precision_config)
+from utils.flags.checks import (AMP_BACKENDS, check_chunk_flags, check_counts, check_optimizer_numbers,
+                                check_sample_counts, check_scaling_flags, precision_config)
 from utils.flags.legacy import translate_flags, translate_values
 from utils.flags.parser import DATA, MODEL, PRECISION, RUN, flag_parser
 from utils.flags.secrets import mask_command, secret_values
@@ -183,7 +183,7 @@ class LMTrainingArguments(TrainingArguments):
     )
     fp16_opt_level: str | None = field(
         default=None,
-        metadata={"help": f"Mixed-precision level with --fp16 or --bf16, as apex's: O0 fp32; O1 fp32 weights, "
+        metadata={"help": "Mixed-precision level with --fp16 or --bf16, as apex's: O0 fp32; O1 fp32 weights, "
                           "forward under autocast; O2 half weights except norms, fp32 master weights in the optimizer; "
                           "O3 everything half, optimizer state too (a speed baseline; fp16 O3 needs --adam_epsilon "
                           f"1e-4 or more). (default: {DEFAULT_OPT_LEVEL} with --fp16 or --bf16, else O0)",

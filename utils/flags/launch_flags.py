@@ -21,8 +21,8 @@ import shlex
 
 from utils.cli import run_cli
 from utils.flags.arguments import DataArguments, LMTrainingArguments, ModelArguments, SequenceArguments
-from utils.flags.parser import flag_parser
 from utils.flags.legacy import translate_flags
+from utils.flags.parser import flag_parser
 from utils.flags.secrets import mask_command, secret_values
 
 

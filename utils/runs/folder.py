@@ -99,7 +99,9 @@ def check_output_dir(output_dir: str) -> None:
 def describe_output_dir(args) -> str:
     """--output_dir as the logs name it: the full path, and when it was not given, that it is the default."""
     path = os.path.abspath(args.output_dir)
-    return path if getattr(args, "output_dir_given", True) else f"{path} (--output_dir not given: transformers' default, trainer_output)"
+    if getattr(args, "output_dir_given", True):
+        return path
+    return f"{path} (--output_dir not given: transformers' default, trainer_output)"
 
 
 class RunFolder:
