@@ -81,7 +81,7 @@ def test_a_mistyped_key_in_a_file_of_flags_gets_did_you_mean(tmp_path):
     flags.write_text(json.dumps({"model_type": "gpt2", "fp16_opt_levle": "O2", "output_dir": str(tmp_path / "out")}))
     with patch.object(sys, "argv", ["run_clm.py", str(flags)]), pytest.raises(UsageError) as error:
         run_clm.main()
-    assert str(error.value) == "unknown flag 'fp16_opt_levle' in the file of flags; did you mean 'fp16_opt_level'?"
+    assert str(error.value) == f"{flags}: unknown flag 'fp16_opt_levle'; did you mean 'fp16_opt_level'?"
 
 
 def test_a_flag_far_from_any_gets_no_guess(capsys):

@@ -303,7 +303,7 @@ def parse_args(*task_dataclasses, command: Command | None = None):
         if values.get(name) is None or name == "use_cpu":
             values[name] = value
     try:
-        parsed = parser.parse_dict(values)
+        parsed = parser.parse_dict(values, source=command.flag_file)
     except (ValueError, TypeError) as err:
         # TrainingArguments validates flag combinations in __post_init__ with ValueError.
         raise UsageError(" ".join(str(err).split())) from None

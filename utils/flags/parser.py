@@ -109,12 +109,13 @@ class FlagParser(HfArgumentParser):
         flags = [option for option in self._option_string_actions if option.startswith("--") and "-" not in option[2:]]
         return next(iter(difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)), None)
 
-    def parse_dict(self, args: dict, allow_extra_keys: bool = False):
-        # A file of flags: a key that is no flag is named, with the closest flag, as on a command line.
+    def parse_dict(self, args: dict, allow_extra_keys: bool = False, source: str | None = None):
+        """As HfArgumentParser's; a key that is no flag (in ``source``, a file of flags) is named with the closest
+        flag, as on a command line."""
         unknown = sorted(set(args) - {action.dest for action in self._actions})
         if unknown and not allow_extra_keys:
             close = self.closest_flag(f"--{unknown[0]}")
-            raise UsageError(f"unknown flag {unknown[0]!r} in the file of flags"
+            raise UsageError(f"{source or 'flags'}: unknown flag {unknown[0]!r}"
                              + (f"; did you mean {close[2:]!r}?" if close else ""))
         return super().parse_dict(args, allow_extra_keys=allow_extra_keys)
 
