@@ -22,7 +22,7 @@ import utils  # noqa: F401  (before torch, as in the scripts)
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, free_port, read_json
+from conftest import ROOT, TINY, clean_env, free_port, read_json
 from utils.errors import UsageError
 from utils.flags.checks import check_scaling_flags
 
@@ -33,15 +33,6 @@ TRAIN = [*TINY["clm"], *NO_DROPOUT, "--do_train", "--per_device_train_batch_size
          "--gradient_accumulation_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1",
          "--save_steps", "100000", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7",
          "--train_sampling_strategy", "sequential"]
-
-
-def clean_env(**extra) -> dict:
-    """The environment of a fresh shell on a CPU machine, with ``extra`` on top."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "PET_", "LM_", "ACCELERATE_", "TORCHELASTIC_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
-                         "NPROC_PER_NODE", "DEVICE", "AMP_FLAGS", "OUTPUT_DIR", "MODEL", "DATASET")}
-    return {**env, "PYTHONPATH": str(ROOT), "LM_DEVICE": "cpu", **extra}
 
 
 def losses(out: Path) -> list[float]:
