@@ -286,6 +286,27 @@ def test_a_second_signal_is_not_caught():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_repeated_sigterm_is_the_same_stop_however_late():
+    """Slurm, systemd and Kubernetes signal every process, and each layer under them passes its own on."""
+    callback, args = PreemptionCallback(), TrainingArguments(output_dir="unused", report_to="none")
+    state, control = TrainerState(global_step=1, max_steps=10), TrainerControl()
+
+    def killed(*_):  # what SIGTERM would do to the process if the callback let it through
+        raise AssertionError("the repeated SIGTERM was let through: the save would be cut short")
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        callback.on_train_begin(args, state, control)
+        os.kill(os.getpid(), signal.SIGTERM)
+        callback._received_at -= 60 * stops.SAME_STOP_SECONDS  # a minute later, in the middle of the save
+        os.kill(os.getpid(), signal.SIGTERM)  # caught again: the save goes on
+        callback.on_step_end(args, state, control)
+    finally:
+        callback._restore_handlers()
+        signal.signal(signal.SIGTERM, previous)
+    assert control.should_save and callback.stopped_at == 1 and callback.exit_status == 143
+
+
 def test_fault_plan_reads_steps_and_ranks(monkeypatch):
     monkeypatch.setenv("LM_FAULT_PLAN", "sigterm@3/1, kill@5,nan_loss@2/0")
     monkeypatch.setenv("RANK", "1")

@@ -15,6 +15,7 @@
   restart the whole group, which resumes from the newest complete checkpoint by itself.
 """
 
+import os
 import signal
 import sys
 
@@ -53,8 +54,22 @@ def _on_signal(signum, frame):
           "(a second signal stops them at once)", file=sys.stderr, flush=True)
     for proc in running:
         proc.send_signal(signum)
-    _stop["exitcodes"] = [proc.wait() for proc in running]
+    _stop["exitcodes"] = [_wait_without_reaping(proc) for proc in running]
     raise SignalException(f"Process got signal: {signum}", sigval=signal.Signals(signum))
+
+
+def _wait_without_reaping(proc) -> int:
+    """The worker's exit code once it has ended (``-N``: killed by signal N), left for torchrun to reap.
+
+    Not ``proc.wait()``: this runs in a signal handler, which may have interrupted torchrun inside
+    ``proc.poll()``; the lock that Popen holds there would never be released, and torchrun would
+    hang with its workers ended but unreaped.
+    """
+    try:
+        ended = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped already, by the poll this handler interrupted
+        return proc.returncode if proc.returncode is not None else -signal.SIGKILL  # unknown: not "saved"
+    return ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
 
 
 def _stopped_status() -> int:
