@@ -514,6 +514,29 @@ def test_work_folders_of_a_killed_tokenization_are_removed(text_files, tmp_path)
     assert sorted(n for n in os.listdir(root) if n.startswith(".build-")) == [live]
 
 
+def test_a_cache_entry_published_meanwhile_by_another_node_is_kept_and_used(tmp_path):
+    """Nodes sharing a cache folder each prepare the data with their first process, at the same time."""
+    from datasets import Dataset
+
+    from utils.data.cache import cached_samples
+
+    class Recipe:  # SampleRecipe's two methods that the cache calls
+        def __init__(self, value, other=None):
+            self.value, self.other = value, other
+
+        def key(self, source, max_samples):
+            return "the-same-key"
+
+        def build(self, rows, max_samples, workdir):
+            if self.other is not None:  # the other node finishes first
+                cached_samples(self.other, rows, "source", None, False, str(tmp_path))
+            return Dataset.from_dict({"input_ids": [[self.value] * 4] * 3})
+
+    rows = Dataset.from_dict({"text": ["a", "b", "c"]})
+    samples = cached_samples(Recipe(1, other=Recipe(2)), rows, "source", None, False, str(tmp_path))
+    assert samples["input_ids"] == [[2] * 4] * 3  # the entry published first, unharmed
+
+
 @pytest.mark.parametrize("env, needle", [({"NODE_RANK": "1"}, "NODE_RANK=1"), ({"NODE_RANK": "x"}, "NODE_RANK=x"),
                                          ({"WORLD_SIZE": "two"}, "WORLD_SIZE=two")])
 def test_launcher_checks_node_rank_and_world_size(env, needle, tmp_path):
