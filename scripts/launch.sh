@@ -44,7 +44,7 @@
 #
 # Ctrl+C, `timeout`, systemd and Slurm signal the whole process group. This script and its `tee`
 # outlive that signal: torchrun passes it on to the workers once, every rank checkpoints, and the
-# log keeps every line up to the last (utils/launch/torchrun.py). A second signal stops at once.
+# log keeps every line up to the last (utils/launch/torchrun.py). Ctrl+C again stops at once.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

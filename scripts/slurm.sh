@@ -73,8 +73,8 @@ fi
 slurm_job_env
 export NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 say() { echo "slurm: $*"; }
-# FIELD's value in `scontrol show job` for this job (JobState, Requeue, ...); empty without scontrol.
-job_field() { scontrol show job --oneliner "$SLURM_JOB_ID" 2>/dev/null | sed -nE "s/^(.* )?$1=([^ ]*).*/\2/p"; }
+# FIELD's value in `scontrol show job` for this job (JobState, Requeue, ...); empty if scontrol fails.
+job_field() { scontrol show job --oneliner "$SLURM_JOB_ID" 2>/dev/null | sed -nE "s/^(.* )?$1=([^ ]*).*/\2/p" || true; }
 
 say "job $SLURM_JOB_ID, $NNODES node(s) x $NPROC_PER_NODE processes, rendezvous $PET_RDZV_ENDPOINT"
 if ((${SLURM_RESTART_COUNT:-0} > 0)); then

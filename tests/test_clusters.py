@@ -55,9 +55,13 @@ def test_two_process_runs_end_with_status_0_every_time(text_files, tmp_path):
              "--train_file", str(text_files["train"]), "--cache_dir", str(tmp_path / "cache")]
     for attempt in range(10):
         sharding = ["--fsdp"] if attempt % 2 else []
+        logs = tmp_path / f"logs{attempt}"  # each process's stderr in a file of its own (--redirects 2)
         command = [sys.executable, "-m", "utils.launch.torchrun", "--nproc_per_node", "2", "--master_port",
-                   str(free_port()), str(ROOT / "run_clm.py"), *flags, *sharding,
-                   "--output_dir", str(tmp_path / f"run{attempt}")]
+                   str(free_port()), "--log-dir", str(logs), "--redirects", "2", str(ROOT / "run_clm.py"), *flags,
+                   *sharding, "--output_dir", str(tmp_path / f"run{attempt}")]
         process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=clean_env())
-        assert process.returncode == 0, f"run {attempt + 1} of 10 {sharding}:\n{process.stderr}"
-        assert "terminate called" not in process.stderr
+        stderr = {rank: [path.read_text() for path in logs.glob(f"**/attempt_0/{rank}/stderr.log")] for rank in (0, 1)}
+        assert process.returncode == 0, (f"run {attempt + 1} of 10 {sharding}: {process.stderr[-2000:]}\n"
+                                         f"--- rank 1's stderr:\n{''.join(stderr[1])}")
+        assert len(stderr[0]) == len(stderr[1]) == 1  # found, and read in full
+        assert not any("terminate called" in text for texts in stderr.values() for text in texts)

@@ -123,6 +123,9 @@ def jobs(slurm, text_files, tmp_path_factory):
 
     ended = {job.id: job.wait_until(("COMPLETED", "CANCELLED", "FAILED")) for job in (plain, requeued, cancelled, usr1)}
     mark("all jobs ended")
+    for job in (plain, requeued, cancelled, usr1):
+        state = ended[job.id]
+        timeline[f"{job.log.stem} ended"] = f"{state['JobState']} {state['ExitCode']}, Restarts={state['Restarts']}"
     print("Slurm job timeline:", json.dumps(timeline, indent=1))  # pytest -s shows it
     return {"plain": plain, "requeued": requeued, "cancelled": cancelled, "usr1": usr1, "ended": ended,
             "timeline": timeline}
