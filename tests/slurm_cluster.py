@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 
@@ -35,14 +37,11 @@ def unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def _run(*command, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=600, **kwargs)
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600, **kwargs)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}): {process.stderr[-2000:]}")
+    return process
 
 
 class SlurmCluster:
@@ -60,9 +59,9 @@ class SlurmCluster:
         self._start_munged()
         self._write_conf()
         for daemon in ("slurmctld", "slurmd"):  # in the foreground (-D): this object owns them
-            log = open(self.folder / f"{daemon}.out", "w")
-            self._daemons.append(subprocess.Popen([daemon, "-D", "-f", str(self.conf)], stdout=log,
-                                                  stderr=subprocess.STDOUT, start_new_session=True))
+            with open(self.folder / f"{daemon}.out", "w") as log:
+                self._daemons.append(subprocess.Popen([daemon, "-D", "-f", str(self.conf)], stdout=log,
+                                                      stderr=subprocess.STDOUT, start_new_session=True))
         self._wait_for_node()
         return self
 
@@ -94,8 +93,8 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "ClusterName=lmtest",
             f"SlurmctldHost={host}",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",

@@ -38,9 +38,11 @@ def slurm(tmp_path_factory):
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI runs the tests on a real Slurm, but {reason}")
         pytest.skip(reason)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster.start()
+    finally:  # what was started, also when the start failed half-way
+        cluster.stop()
 
 
 class Job:
@@ -121,9 +123,10 @@ def jobs(slurm, text_files, tmp_path_factory):
     requeued.wait_until(("RUNNING",))
     mark("requeued: running again")
 
-    ended = {job.id: job.wait_until(("COMPLETED", "CANCELLED", "FAILED")) for job in (plain, requeued, cancelled, usr1)}
+    everyone = (plain, requeued, cancelled, usr1)
+    ended = {job.id: job.wait_until(("COMPLETED", "CANCELLED", "FAILED")) for job in everyone}
     mark("all jobs ended")
-    for job in (plain, requeued, cancelled, usr1):
+    for job in everyone:
         state = ended[job.id]
         timeline[f"{job.log.stem} ended"] = f"{state['JobState']} {state['ExitCode']}, Restarts={state['Restarts']}"
     print("Slurm job timeline:", json.dumps(timeline, indent=1))  # pytest -s shows it
