@@ -17,6 +17,10 @@
 #                    more than the visible CUDA/NPU devices stops with an error, CPU takes any
 #   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   torchrun multi-node settings (1 0 127.0.0.1, and a free
 #                    port on one node, 29500 on several; a port taken on node 0 stops with an error)
+#   PET_NNODES PET_NPROC_PER_NODE PET_NODE_RANK PET_MASTER_ADDR PET_MASTER_PORT   what Kubernetes
+#                    (Kubeflow Trainer's TrainJob, PyTorchJob) sets in each pod: they override the
+#                    five above. A PyTorchJob that sets no PET_* gives MASTER_ADDR, MASTER_PORT,
+#                    WORLD_SIZE (its pods) and RANK (this pod): they become NNODES and NODE_RANK
 #   MAX_RESTARTS     restart the processes up to N times when one crashes or is killed (default 0);
 #                    they resume from the newest complete checkpoint. Uses torchrun's c10d
 #                    rendezvous at MASTER_ADDR:MASTER_PORT, which allows restarts (RDZV_ID names the job)
@@ -40,7 +44,7 @@
 #
 # Ctrl+C, `timeout`, systemd and Slurm signal the whole process group. This script and its `tee`
 # outlive that signal: torchrun passes it on to the workers once, every rank checkpoints, and the
-# log keeps every line up to the last (utils/launch/torchrun.py). A second signal stops at once.
+# log keeps every line up to the last (utils/launch/torchrun.py). Ctrl+C again stops at once.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,15 +65,23 @@ case $TASK in
 esac
 shift
 
-NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
-[[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$NPROC_PER_NODE: give a positive whole number"
-[[ $NNODES =~ ^[1-9][0-9]*$ ]] || die "NNODES=$NNODES: give a positive whole number"
-[[ $NODE_RANK =~ ^[0-9]+$ ]] && ((NODE_RANK < NNODES)) ||
-    die "NODE_RANK=$NODE_RANK: give this node's number, from 0 to NNODES-1 ($((NNODES - 1)))"
 [[ -z ${WORLD_SIZE-} || $WORLD_SIZE =~ ^[1-9][0-9]*$ ]] ||
     die "WORLD_SIZE=$WORLD_SIZE: give a positive whole number, or unset it (torchrun sets it for the processes)"
+# Kubernetes sets a pod's part of the job (see the header): torchrun's PET_* variables win, then a
+# PyTorchJob's WORLD_SIZE and RANK (pods, this pod) where it sets no PET_* (and not under torchrun).
+if [[ -z ${PET_NNODES-} && -n ${MASTER_ADDR-} && -n ${WORLD_SIZE-} && -n ${RANK-} && -z ${LOCAL_RANK-} ]]; then
+    NNODES=$WORLD_SIZE NODE_RANK=$RANK
+fi
+NPROC_PER_NODE="${PET_NPROC_PER_NODE:-${NPROC_PER_NODE:-1}}"
+NNODES="${PET_NNODES:-${NNODES:-1}}"
+NODE_RANK="${PET_NODE_RANK:-${NODE_RANK:-0}}"
+MASTER_ADDR="${PET_MASTER_ADDR:-${MASTER_ADDR:-}}"
+MASTER_PORT="${PET_MASTER_PORT:-${MASTER_PORT:-}}"
+[[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] ||
+    die "${PET_NPROC_PER_NODE:+PET_}NPROC_PER_NODE=$NPROC_PER_NODE: give a positive whole number"
+[[ $NNODES =~ ^[1-9][0-9]*$ ]] || die "${PET_NNODES:+PET_}NNODES=$NNODES: give a positive whole number"
+[[ $NODE_RANK =~ ^[0-9]+$ ]] && ((NODE_RANK < NNODES)) ||
+    die "${PET_NODE_RANK:+PET_}NODE_RANK=$NODE_RANK: give this node's number, from 0 to NNODES-1 ($((NNODES - 1)))"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS: give a whole number of restarts (0: none)"
 devices="$((NPROC_PER_NODE * NNODES))p"
@@ -175,6 +187,11 @@ printf 'device: %s, %s\ncommand: %s%s\n' "$device" "$devices" "$(printf '%q ' "$
     "$masked_flags" | tee -a "$log"
 # A SIGINT/SIGTERM to the process group: torchrun hands it to the workers and waits for their
 # checkpoint; this script waits for torchrun, and tee ignores it so that no line is lost.
+if (($$ == 1)); then
+    # A container's first process: Kubernetes and docker stop signal it alone, which reaches no worker.
+    echo "warning: the launcher is the container's first process (PID 1): its SIGTERM does not reach the" \
+        "training processes; start it under an init that signals the whole group (tini -g, dumb-init)" >&2
+fi
 trap : INT TERM  # not ignored: the processes started here get the default handling back
 "${cmd[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$log") || status=$?
 trap - INT TERM

@@ -98,6 +98,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def clean_env(**extra) -> dict:
+    """The environment of a fresh shell on a CPU machine, with ``extra`` on top: no launcher, cluster or
+    run settings inherited from the test run."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PET_", "LM_", "ACCELERATE_", "TORCHELASTIC_"))
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
+                         "NPROC_PER_NODE", "DEVICE", "AMP_FLAGS", "OUTPUT_DIR", "MODEL", "DATASET")}
+    return {**env, "PYTHONPATH": str(ROOT), "LM_DEVICE": "cpu", **extra}
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

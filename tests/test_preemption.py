@@ -11,8 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from conftest import ROOT, TINY, read_json
@@ -113,15 +116,17 @@ def test_a_worker_killed_by_a_stop_signal_never_reports_a_saved_checkpoint():
     assert torchrun.exit_status(-signal.SIGKILL) == 137
 
 
-def test_a_plain_run_with_dataloader_workers_checkpoints_on_a_sigterm_to_its_group(text_files, tmp_path):
-    """``python run_clm.py --dataloader_num_workers 1`` in a terminal, then ``timeout`` (SIGTERM to the group).
+@pytest.mark.parametrize("whom, workers", [("group", 1), ("every process", 3)])
+def test_a_plain_run_with_dataloader_workers_checkpoints_on_a_sigterm(whom, workers, text_files, tmp_path):
+    """``python run_clm.py --dataloader_num_workers N`` stopped by SIGTERM: ``timeout`` signals its process
+    group, systemd, Slurm and Kubernetes every process of it one by one, the loader workers too.
 
-    The signal comes while training runs (after its first logged step), when the worker is busy
-    loading batches: it must not reach the worker, whose death would end the run with status 1.
+    The signal comes while training runs (after its first logged step), when the workers are busy
+    loading batches: they must ignore it, since a worker's death would end the run with status 1.
     """
     out, log = tmp_path / "out", tmp_path / "run.log"
     command = [sys.executable, str(ROOT / "run_clm.py"), *FLAGS, "--max_steps", "2000", "--save_steps", "1000",
-               "--dataloader_num_workers", "1", "--do_train", "--train_file", str(text_files["train"]),
+               "--dataloader_num_workers", str(workers), "--do_train", "--train_file", str(text_files["train"]),
                "--output_dir", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LM_FAULT_PLAN")}
     with open(log, "w") as handle:
@@ -131,11 +136,56 @@ def test_a_plain_run_with_dataloader_workers_checkpoints_on_a_sigterm_to_its_gro
     while "'loss'" not in log.read_text(errors="replace"):
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
-    time.sleep(1.0)  # a few steps on, the worker loading the next batches
-    os.killpg(process.pid, signal.SIGTERM)
+    time.sleep(1.0)  # a few steps on, the workers loading the next batches
+    if whom == "group":
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        loaders = psutil.Process(process.pid).children(recursive=True)
+        assert len(loaders) >= workers
+        for pid in [process.pid, *(child.pid for child in loaders)]:
+            os.kill(pid, signal.SIGTERM)
     status = finish(process)
     text = log.read_text(errors="replace")
     assert status == 128 + signal.SIGTERM, text[-3000:]
     assert "killed by signal" not in text
     checkpoints = [path for path in out.glob("checkpoint-*") if (path / COMPLETE_MARKER).is_file()]
     assert len(checkpoints) == 1 and "stopped: SIGTERM received; saved" in text
+
+
+def test_a_stop_signal_that_interrupts_torchruns_poll_still_waits_for_the_workers():
+    """torchrun's handler waits for each worker's checkpoint; the signal may come while torchrun polls that worker.
+
+    ``Popen.poll`` holds the Popen's lock then: waiting with ``Popen.wait`` in the handler would block
+    forever, leaving torchrun hung and its ended workers unreaped.
+    """
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    from utils.launch import torchrun
+
+    worker = subprocess.Popen([sys.executable, "-c", "import signal, sys\n"
+                               "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\nprint('ready', flush=True)\n"
+                               "signal.pause()"], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout.readline() == "ready\n"
+    torchrun._workers[:] = [SimpleNamespace(subprocess_handlers={0: SimpleNamespace(proc=worker)})]
+    torchrun._stop.clear()
+    raised = []
+
+    def handle():
+        try:
+            torchrun._on_signal(signal.SIGTERM, None)
+        except SignalException as stop:
+            raised.append(stop)
+
+    handler = threading.Thread(target=handle)
+    try:
+        with worker._waitpid_lock:  # as inside worker.poll(), where the signal came
+            handler.start()
+            handler.join(timeout=30)
+            assert not handler.is_alive(), "the handler hangs on the lock that the interrupted poll holds"
+        assert raised and torchrun._stop["exitcodes"] == [143]
+        assert worker.wait(timeout=30) == 143  # left for torchrun to reap, and reaped here
+    finally:
+        worker.kill()
+        handler.join()
+        torchrun._workers.clear()
+        torchrun._stop.clear()

@@ -286,6 +286,27 @@ def test_a_second_signal_is_not_caught():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_repeated_sigterm_is_the_same_stop_however_late():
+    """Slurm, systemd and Kubernetes signal every process, and each layer under them passes its own on."""
+    callback, args = PreemptionCallback(), TrainingArguments(output_dir="unused", report_to="none")
+    state, control = TrainerState(global_step=1, max_steps=10), TrainerControl()
+
+    def killed(*_):  # what SIGTERM would do to the process if the callback let it through
+        raise AssertionError("the repeated SIGTERM was let through: the save would be cut short")
+
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        callback.on_train_begin(args, state, control)
+        os.kill(os.getpid(), signal.SIGTERM)
+        callback._received_at -= 60 * stops.SAME_STOP_SECONDS  # a minute later, in the middle of the save
+        os.kill(os.getpid(), signal.SIGTERM)  # caught again: the save goes on
+        callback.on_step_end(args, state, control)
+    finally:
+        callback._restore_handlers()
+        signal.signal(signal.SIGTERM, previous)
+    assert control.should_save and callback.stopped_at == 1 and callback.exit_status == 143
+
+
 def test_fault_plan_reads_steps_and_ranks(monkeypatch):
     monkeypatch.setenv("LM_FAULT_PLAN", "sigterm@3/1, kill@5,nan_loss@2/0")
     monkeypatch.setenv("RANK", "1")
@@ -491,6 +512,29 @@ def test_work_folders_of_a_killed_tokenization_are_removed(text_files, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2")
     prepare_datasets({"train": rows}, tokenizer, data_args, training_args, seq_len=64, cache_dir=str(tmp_path))
     assert sorted(n for n in os.listdir(root) if n.startswith(".build-")) == [live]
+
+
+def test_a_cache_entry_published_meanwhile_by_another_node_is_kept_and_used(tmp_path):
+    """Nodes sharing a cache folder each prepare the data with their first process, at the same time."""
+    from datasets import Dataset
+
+    from utils.data.cache import cached_samples
+
+    class Recipe:  # SampleRecipe's two methods that the cache calls
+        def __init__(self, value, other=None):
+            self.value, self.other = value, other
+
+        def key(self, source, max_samples):
+            return "the-same-key"
+
+        def build(self, rows, max_samples, workdir):
+            if self.other is not None:  # the other node finishes first
+                cached_samples(self.other, rows, "source", None, False, str(tmp_path))
+            return Dataset.from_dict({"input_ids": [[self.value] * 4] * 3})
+
+    rows = Dataset.from_dict({"text": ["a", "b", "c"]})
+    samples = cached_samples(Recipe(1, other=Recipe(2)), rows, "source", None, False, str(tmp_path))
+    assert samples["input_ids"] == [[2] * 4] * 3  # the entry published first, unharmed
 
 
 @pytest.mark.parametrize("env, needle", [({"NODE_RANK": "1"}, "NODE_RANK=1"), ({"NODE_RANK": "x"}, "NODE_RANK=x"),

@@ -1,17 +1,15 @@
-"""Sharded training on 2 CPU processes (gloo), the combinations refused, and the Slurm entry.
+"""Sharded training on 2 CPU processes (gloo), the combinations refused, and Slurm's settings for torchrun.
 
 The sharded runs are the real script under torchrun; each is compared with a DDP run of the
 same data order (sequential sampling, no dropout): what each process holds comes from the run's
 own sharding.json (local shard sizes at the first optimizer step), the losses from
-trainer_state.json, the weights from model.safetensors. The Slurm entry runs with stand-ins for
-srun, scancel and scontrol on PATH that behave as Slurm does on one node.
+trainer_state.json, the weights from model.safetensors. Slurm's variables are turned into torchrun's
+settings with a scontrol stand-in on PATH; tests/test_slurm.py runs scripts/slurm.sh on a real Slurm.
 """
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +20,7 @@ import utils  # noqa: F401  (before torch, as in the scripts)
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, free_port, read_json
+from conftest import ROOT, TINY, clean_env, free_port, read_json
 from utils.errors import UsageError
 from utils.flags.checks import check_scaling_flags
 
@@ -33,15 +31,6 @@ TRAIN = [*TINY["clm"], *NO_DROPOUT, "--do_train", "--per_device_train_batch_size
          "--gradient_accumulation_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1",
          "--save_steps", "100000", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7",
          "--train_sampling_strategy", "sequential"]
-
-
-def clean_env(**extra) -> dict:
-    """The environment of a fresh shell on a CPU machine, with ``extra`` on top."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "PET_", "LM_", "ACCELERATE_", "TORCHELASTIC_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
-                         "NPROC_PER_NODE", "DEVICE", "AMP_FLAGS", "OUTPUT_DIR", "MODEL", "DATASET")}
-    return {**env, "PYTHONPATH": str(ROOT), "LM_DEVICE": "cpu", **extra}
 
 
 def losses(out: Path) -> list[float]:
@@ -134,17 +123,10 @@ def test_fsdp_with_its_own_bf16_policy_shards_and_stays_close_to_fp32(runs):
 
 
 def fake_slurm(folder: Path) -> Path:
-    """srun, scancel and scontrol stand-ins: one node, a job step in its own process group."""
+    """A scontrol stand-in that expands the node lists of these tests, and logs its calls."""
     bin_dir = folder / "bin"
     bin_dir.mkdir()
     scripts = {
-        # srun: drop srun's own options, run the command as the job step of node 0.
-        "srun": 'while [[ ${1-} == -* ]]; do shift; done\n'
-                'export SLURM_NODEID=0 SLURM_STEP_ID=0\n'
-                'setsid "$@" &\necho $! > "$FAKE_SLURM/step.pgid"\nwait $!\n',
-        # scancel --signal=SIG JOB: Slurm signals every process of the job's steps.
-        'scancel': 'echo "$*" >> "$FAKE_SLURM/scancel.log"\nsig=${1#--signal=}\n'
-                   'kill -s "$sig" -- "-$(cat "$FAKE_SLURM/step.pgid")"\n',
         "scontrol": '[[ "$1 $2" == "show hostnames" ]] || exit 1\necho "$*" >> "$FAKE_SLURM/scontrol.log"\n'
                     'case $3 in "gpu[07-10]") printf "gpu07\\ngpu08\\ngpu09\\ngpu10\\n" ;; *) echo "$3" ;; esac\n',
     }
@@ -213,44 +195,6 @@ def test_slurm_node_list_is_parsed_without_scontrol(tmp_path):
     missing = subprocess.run(["bash", "-c", ". scripts/slurm_env.sh && slurm_job_env"], cwd=ROOT, text=True,
                              capture_output=True, env=clean_env(PATH="/usr/bin:/bin"), timeout=60)
     assert missing.returncode == 2 and missing.stderr.startswith("error: SLURM_NNODES is not set")
-
-
-def test_slurm_entry_trains_two_processes_checkpoints_on_sigterm_and_resumes(tmp_path, runs, shared):
-    """The sbatch entry on one node of 2 CPU processes: the time-limit SIGTERM, then the same job again."""
-    _, fsdp = runs("fsdp", "--fsdp")
-    bin_dir = fake_slurm(tmp_path)
-    out = tmp_path / "out"
-    env = clean_env(SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="77", FAKE_SLURM=str(tmp_path),
-                    PATH=f"{bin_dir}:{os.environ['PATH']}", MASTER_PORT=str(free_port()), NPROC_PER_NODE="2",
-                    DEVICE="cpu", AMP_FLAGS="", PYTHON=sys.executable)
-    command = ["bash", str(ROOT / "scripts" / "slurm.sh"), "clm", *shared, "--fsdp", "--do_eval", "false",
-               "--output_dir", str(out)]
-    batch = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log = out / "train.log"
-    deadline = time.time() + 400
-    while not (log.exists() and "'loss'" in log.read_text(errors="replace")):
-        assert batch.poll() is None and time.time() < deadline, batch.communicate()[0][-4000:]
-        time.sleep(0.2)
-    batch.send_signal(signal.SIGTERM)  # --signal=B:TERM: to the batch script only
-    printed = batch.communicate(timeout=400)[0]
-    assert batch.returncode == 143, printed[-4000:]
-    assert (tmp_path / "scancel.log").read_text() == "--signal=TERM 77\n"
-    text = log.read_text()
-    assert text.count("saving a checkpoint at step") == 2, text[-4000:]  # each process once: no second signal
-    assert "stopped: SIGTERM received; saved" in text
-    assert "rendezvous localhost:" in printed
-
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0, again.stdout[-4000:]
-    assert "Resuming from" in log.read_text()
-    assert read_json(out / "run_info.json")["world_size"] == 2
-    assert_sharded_in_two(out)
-    assert read_json(out / "trainer_state.json")["global_step"] == STEPS
-    # Stopped and resumed, it ends exactly where the uninterrupted run ends.
-    assert losses(out)[-1] == losses(fsdp)[-1]
-    for name, tensor in weights(fsdp).items():
-        assert torch.equal(weights(out)[name], tensor), name
-    assert "| gpt2 | 2p | Acc: n/a |" in log.read_text()
 
 
 # ---------------------------------------------------------------------------- refused

@@ -14,8 +14,9 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
-from utils.dist import close_process_group, is_first_process
+from utils.dist import exit_process, is_first_process
 from utils.errors import NothingToDo, TrainingStopped, UsageError
 
 
@@ -68,24 +69,26 @@ class Command:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def run_cli(main) -> None:
-    """Run ``main()`` and exit with the status its end calls for.
+def run_cli(main) -> NoReturn:
+    """Run ``main()`` and exit with the status its end calls for (``exit_process``: every time).
 
     ``UsageError``: ``error: ...`` on stderr, exit 2. ``TrainingStopped`` (preempted, non-finite
     loss; see utils/train/stops.py): its one line and its own status. ``NothingToDo`` (the run
     asked for is already done, utils/runs/folder.py): its one line, once, and 0.
     """
+    exit_process(_status_of(main))
+
+
+def _status_of(main) -> int:
     try:
         main()
     except UsageError as err:
         sys.stderr.write(f"error: {err}\n")
-        sys.exit(2)
+        return 2
     except NothingToDo as done:
         if is_first_process():  # once, not once per process
             sys.stderr.write(f"{done}\n")
-        sys.exit(0)
     except TrainingStopped as stop:
         sys.stderr.write(f"{stop}\n")
-        close_process_group()
-        sys.exit(stop.exit_status)
-    close_process_group()
+        return stop.exit_status
+    return 0

@@ -6,7 +6,10 @@ the process group exists; once it does, ``any_process`` agrees on a flag with on
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+from typing import NoReturn
 
 
 def is_distributed() -> bool:
@@ -31,14 +34,28 @@ def any_process(flag: bool, device) -> bool:
     return bool(value.item())
 
 
-def close_process_group() -> None:
-    """Leave the process group before exiting.
+def exit_process(status: int) -> NoReturn:
+    """End this process with ``status``, every time; one that is in a process group leaves it first.
 
-    Leaving with it still open lets its communication threads be torn down at interpreter exit,
-    which can abort the process (SIGABRT) after its work was saved, and torchrun would then report
-    that instead of the run's own exit status.
+    ``destroy_process_group`` does not stop the group's communication threads: gloo's keep running
+    as long as anything still holds the group (the model's DDP wrapper until it is collected, FSDP's
+    sharding caches for the life of the process). One of them
+    may still be releasing the run's last collective when the script ends, and that takes the
+    interpreter lock. If the interpreter is already tearing itself down, the thread is made to exit
+    inside a C++ destructor, which aborts the process (SIGABRT, "terminate called without an active
+    exception") after its work was saved, and torchrun reports that instead of the run's status.
+    So a process that was in a group runs its exit handlers and flushes its output with the
+    interpreter whole, then ends at once, as multiprocessing's child processes do.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(status)
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()  # what the teardown would run first: logging's flush, temporary files, ...
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that is gone, a stream already closed: nothing to keep
+            pass
+    os._exit(status)

@@ -33,7 +33,8 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
     """The samples ``recipe`` makes of ``rows``: read from the cache, or built and stored there."""
     root = tokenized_cache_root(cache_dir)
     path = os.path.join(root, recipe.key(source, max_samples))
-    if os.path.isdir(path) and not overwrite:
+    replaces = os.path.isdir(path)  # a damaged entry, or --overwrite_cache
+    if replaces and not overwrite:
         cached = _read_entry(path)
         if cached is not None:
             return cached
@@ -55,9 +56,16 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
         else:  # a prefix (--max_train_samples), or several files: by plain reads (utils/data/arrow_files.py)
             write_rows(samples, os.path.join(staging, SAMPLES_FILE))
         # Publish atomically: a run killed mid-save leaves no half-written entry behind.
-        if os.path.isdir(path):
+        if replaces and os.path.isdir(path):
             shutil.rmtree(path)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+            # Published meanwhile by a process of another node that shares this cache (each node's
+            # first process prepares the data): the same key, the same samples.
+            logger.info("%s was cached meanwhile by another process; using it", path)
     return Dataset.from_file(os.path.join(path, SAMPLES_FILE))
 
 

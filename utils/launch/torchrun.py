@@ -10,11 +10,13 @@
   group) torchrun passes the signal on to each worker once and then waits for them, however long
   their checkpoint takes, instead of killing them after 30 seconds; with ``--max-restarts`` it
   does not restart them either: a stopped run resumes when its command is run again. A second
-  signal ends them at once (torchrun's own behaviour).
+  signal makes torchrun end them its own way (SIGTERM, which a saving worker takes as the same
+  stop, then SIGKILL 30 s later); a second Ctrl+C reaches the workers too and stops them at once.
 * **Restarts.** With ``--max-restarts N`` a worker that crashes or is killed makes torchrun
   restart the whole group, which resumes from the newest complete checkpoint by itself.
 """
 
+import os
 import signal
 import sys
 
@@ -50,11 +52,25 @@ def _on_signal(signum, frame):
     _stop["signal"] = signum
     running = [h.proc for h in getattr(_workers[-1], "subprocess_handlers", {}).values() if h.proc.poll() is None]
     print(f"torchrun: {signal.Signals(signum).name} received: the workers save a checkpoint and stop "
-          "(a second signal stops them at once)", file=sys.stderr, flush=True)
+          "(Ctrl+C again stops them at once)", file=sys.stderr, flush=True)
     for proc in running:
         proc.send_signal(signum)
-    _stop["exitcodes"] = [proc.wait() for proc in running]
+    _stop["exitcodes"] = [_wait_without_reaping(proc) for proc in running]
     raise SignalException(f"Process got signal: {signum}", sigval=signal.Signals(signum))
+
+
+def _wait_without_reaping(proc) -> int:
+    """The worker's exit code once it has ended (``-N``: killed by signal N), left for torchrun to reap.
+
+    Not ``proc.wait()``: this runs in a signal handler, which may have interrupted torchrun inside
+    ``proc.poll()``; the lock that Popen holds there would never be released, and torchrun would
+    hang with its workers ended but unreaped.
+    """
+    try:
+        ended = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped already, by the poll this handler interrupted
+        return proc.returncode if proc.returncode is not None else -signal.SIGKILL  # unknown: not "saved"
+    return ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
 
 
 def _stopped_status() -> int:

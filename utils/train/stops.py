@@ -4,15 +4,17 @@
   the current optimizer step is finished, a checkpoint is written and training stops; the
   script then exits with status 128 + the signal number (143 for SIGTERM, 130 for SIGINT)
   without saving a final model or evaluating. Running the same command again resumes from
-  that checkpoint. A second signal (a second or more after the first) stops at once, without a
-  checkpoint. A signal that comes
+  that checkpoint. A second SIGINT (Ctrl+C again, a second or more after the first) stops at
+  once, without a checkpoint. A repeated SIGTERM is the same stop: schedulers signal every process
+  and each layer under them (slurmstepd, srun, torchrun) passes its own on, so the save goes on
+  until done, or until the scheduler's SIGKILL. A signal that comes
   after the last step is kept (``signal_after_training``): the script then writes the final
   model and stops before evaluating. Once a stop checkpoint is written, further signals are
   ignored: all that is left is to say so and exit (torchrun's own shutdown signal must not cut
   that short).
-* ``workers_in_own_group``: DataLoader workers leave the process group, so that a Ctrl+C or a
-  SIGTERM to the whole group (terminals, ``timeout``, Slurm) reaches the training process only,
-  which then checkpoints, instead of killing the workers it needs for the rest of the step.
+* ``workers_ignore_stops``: DataLoader workers ignore SIGTERM and SIGINT. Terminals, ``timeout``,
+  Slurm, systemd and Kubernetes signal the workers too (a process group, or every process);
+  the training process alone decides, checkpoints, and then ends its workers itself.
 * ``NonFiniteLossCallback``: a NaN/inf training loss drops that step's update. With
   ``--on_nonfinite_loss stop`` (default) training stops without saving the bad step, and the
   script exits with status 3 naming the step; with ``skip`` training goes on. Off under fp16
@@ -72,9 +74,9 @@ class PreemptionCallback(TrainerCallback):
         if self.received is None:
             self.received, self._received_at = signum, time.monotonic()
             return
-        if time.monotonic() - self._received_at < SAME_STOP_SECONDS:
-            return  # the same stop, delivered twice (to every process by systemd/Slurm, then by torchrun)
-        # A second signal: the sender insists. Act as if we had never caught it (no checkpoint).
+        if signum == signal.SIGTERM or time.monotonic() - self._received_at < SAME_STOP_SECONDS:
+            return  # the same stop, delivered again (to every process by systemd/Slurm, then by torchrun)
+        # Ctrl+C again: the user insists. Act as if we had never caught it (no checkpoint).
         self._restore_handlers()
         signal.raise_signal(signum)
 
@@ -178,30 +180,31 @@ class NonFiniteLossCallback(TrainerCallback):
 # ---------------------------------------------------------------------------- loaders
 
 
-class _LeaveProcessGroup:
-    """A DataLoader ``worker_init_fn``: setpgid, then the original one (a class, so it pickles)."""
+class _IgnoreStops:
+    """A DataLoader ``worker_init_fn``: ignore SIGTERM and SIGINT, then the original one (a class, so it pickles).
+
+    torch's own SIGTERM handler in a worker dies of a signal its parent did not send, and the
+    training process then fails with "DataLoader worker ... is killed by signal". Ignoring them, a
+    worker ends when its parent shuts the loader down, or when its parent is gone.
+    """
 
     def __init__(self, then):
         self.then = then
 
     def __call__(self, worker_id):
-        os.setpgid(0, 0)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         if self.then is not None:
             self.then(worker_id)
 
 
-def workers_in_own_group(loader):
-    """The Trainer's DataLoader, its workers in a process group of their own (see the module doc).
-
-    The Trainer still ends them itself when a loader is done; only signals meant for the whole
-    group no longer reach them.
-    """
+def workers_ignore_stops(loader):
+    """The Trainer's DataLoader, its workers deaf to SIGTERM and SIGINT (see the module doc)."""
     # accelerate's prepared loader forwards reads to the DataLoader it wraps, which starts the workers,
     # but keeps an attribute set on itself: set it on the wrapped one.
     starts_workers = getattr(loader, "base_dataloader", loader)
-    if getattr(starts_workers, "num_workers", 0) > 0 and \
-            not isinstance(starts_workers.worker_init_fn, _LeaveProcessGroup):
-        starts_workers.worker_init_fn = _LeaveProcessGroup(starts_workers.worker_init_fn)
+    if getattr(starts_workers, "num_workers", 0) > 0 and not isinstance(starts_workers.worker_init_fn, _IgnoreStops):
+        starts_workers.worker_init_fn = _IgnoreStops(starts_workers.worker_init_fn)
     return loader
 
 

@@ -21,7 +21,7 @@ from utils.train.checkpointing import save_checkpoint
 from utils.train.loss_tally import STATE_KEY, LossTally
 from utils.train.precision import MixedPrecision, fit_npu_fused_optimizer
 from utils.train.sharding import setup_sharding
-from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_in_own_group
+from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_ignore_stops
 
 
 class LMTrainer(Trainer):
@@ -182,10 +182,10 @@ class LMTrainer(Trainer):
     # ---------------------------------------------------------------- loaders and checkpoints
 
     def get_train_dataloader(self):
-        return workers_in_own_group(super().get_train_dataloader())
+        return workers_ignore_stops(super().get_train_dataloader())
 
     def get_eval_dataloader(self, eval_dataset=None):
-        return workers_in_own_group(super().get_eval_dataloader(eval_dataset))
+        return workers_ignore_stops(super().get_eval_dataloader(eval_dataset))
 
     def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
         if self.is_world_process_zero():
