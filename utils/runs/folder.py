@@ -9,15 +9,16 @@ is passed on (to ``train_and_evaluate``): no other module decides about the fold
   it. A second run into a locked folder stops with one line.
 * **The run's record**, ``OUTPUT_DIR/run_state.json``: a random id, new whenever a run starts
   from step 0; a fingerprint of the command that last ran it (its parsed settings,
-  ``utils.flags.arguments.settings_fingerprint``); and its stage (``STAGES``, in order): ``claimed`` (the folder is this run's, no step taken),
-  ``training``, ``trained`` (final model and train results written), ``evaluated``
-  (eval_results.json written) and ``finished``. Each stage is written, whole, before the work
-  that follows it, so that a rerun after a crash at any point does only what is left
-  (utils/train/steps.py). Checkpoints carry the id and the command's fingerprint
-  (utils/runs/checkpoints.py), so that a resume never takes a checkpoint of an earlier run left in
-  the same folder, and a record lost from a folder that holds a run's results is rebuilt from the
-  newest checkpoint for the command that wrote it only (any other is refused with one line). A
-  full disk while the record is written is one line too; the record stays as it was.
+  ``utils.flags.arguments.settings_fingerprint``); and its stage (``STAGES``, in order):
+  ``claimed`` (the folder is this run's, no step taken), ``training``, ``trained`` (final model
+  and train results written), ``evaluated`` (eval_results.json written) and ``finished``. Each
+  stage is written, whole, before the work that follows it, so that a rerun after a crash at any
+  point does only what is left (utils/train/steps.py). Checkpoints carry the id and the
+  command's fingerprint (utils/runs/checkpoints.py), so that a resume never takes a checkpoint of
+  an earlier run left in the same folder, and a record lost from a folder that holds a run's
+  results is rebuilt from the newest checkpoint for the command that wrote it only (any other is
+  refused with one line). A full disk while the record is written is one line too; the record
+  stays as it was.
 * **What a start decides**: the same command as a finished run is a no-op (``NothingToDo``); as a
   trained one it only evaluates, as an evaluated one it only writes the reports; as an unfinished
   one it resumes, with or without ``--overwrite_output_dir`` (a preempted
