@@ -10,12 +10,8 @@
   model and stops before evaluating. Once a stop checkpoint is written, further signals are
   ignored: all that is left is to say so and exit (torchrun's own shutdown signal must not cut
   that short).
-* ``stop_on_signal_while_preparing``: before training begins (reading and tokenizing the data,
-  building the model) and in an evaluation-only run, a SIGTERM or SIGINT stops the script at
-  once with its ``stopped:`` line and 128 + the signal number. Every file there is written
-  whole or not at all (the tokenized-data cache through a work folder, the run's record through
-  a temporary file), so there is nothing to save: the same command starts again cleanly.
-  ``PreemptionCallback`` takes the signals over when training begins.
+  Before training begins, a signal stops the script at once with its own ``stopped:`` line
+  (utils/launch/signals.py); ``PreemptionCallback`` takes the signals over from there.
 * ``workers_in_own_group``: DataLoader workers leave the process group, so that a Ctrl+C or a
   SIGTERM to the whole group (terminals, ``timeout``, Slurm) reaches the training process only,
   which then checkpoints, instead of killing the workers it needs for the rest of the step.
@@ -43,49 +39,14 @@ from transformers import TrainerCallback
 from utils.dist import any_process
 from utils.errors import TrainingStopped
 from utils.amp.scaler import FLOOR_PATIENCE
+from utils.launch.signals import STOP_SIGNALS, training_begins
 from utils.runs.checkpoints import newest_complete_checkpoint
 from utils.train.precision import ScaleFloorCallback
 
 logger = logging.getLogger(__name__)
 
 EXIT_NONFINITE_LOSS = 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_STOP_SECONDS = 1.0  # a repeat within this time is the same stop, not a second signal
-
-
-# ---------------------------------------------------------------------------- before training
-
-
-_BEFORE_TRAINING: dict = {}  # signal -> the handler it had, while stop_on_signal_while_preparing's is set
-
-
-def stop_on_signal_while_preparing() -> None:
-    """SIGTERM/SIGINT stop the script with one line until training begins (see the module doc)."""
-    owner = os.getpid()
-
-    def on_signal(signum, frame):
-        if os.getpid() != owner:  # a forked tokenizing worker: it ends as the signal would end it
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
-        status = 128 + signum
-        raise TrainingStopped(
-            f"stopped: {signal.Signals(signum).name} received before training began (while preparing the data or "
-            f"the model) or while evaluating; nothing is left half-written: run the same command to start again "
-            f"(exit status {status})", status)
-
-    try:
-        for sig in STOP_SIGNALS:
-            _BEFORE_TRAINING.setdefault(sig, signal.signal(sig, on_signal))
-    except ValueError:  # handlers can only be set in the main thread (e.g. not in a notebook worker)
-        pass
-
-
-def training_begins() -> None:
-    """Give the signals back to the handlers they had: training has its own (``PreemptionCallback``)."""
-    for sig, handler in _BEFORE_TRAINING.items():
-        signal.signal(sig, handler)
-    _BEFORE_TRAINING.clear()
 
 
 # ---------------------------------------------------------------------------- preemption
