@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICK, ROOT, TINY, TOKENIZERS, run_script
+from utils.runs.checkpoints import write_marker
 
 GPT2_SCRATCH = TINY["clm"]
 # The launchers read these; a case sets the ones it needs.
@@ -132,6 +133,29 @@ def text_file_that_is_not_utf8(w):
 
 
 @case
+def text_file_in_cp1252(w):
+    # The cause is shown, not only datasets' "An error occurred while generating the dataset".
+    cp1252 = w.file("cp1252.txt", ("Caf\xe9 \u2018cr\xe8me\u2019 br\xfbl\xe9e. " * 100 + "\n").encode("cp1252"))
+    return Bad(train(w, *GPT2_SCRATCH, train_file=cp1252),
+               ("--train_file", "cp1252.txt", "cannot be read as text", "can't decode byte", "UTF-8"))
+
+
+@case
+def binary_training_file(w):
+    binary = w.file("weights.txt", bytes(range(256)) * 64)
+    return Bad(train(w, *GPT2_SCRATCH, train_file=binary),
+               ("--train_file", "weights.txt", "cannot be read as text", "can't decode byte"))
+
+
+@case
+def jsonl_with_null_text_in_some_rows(w):
+    lines = w.text["train"].read_text(encoding="utf-8").splitlines()[:200]
+    rows = [json.dumps({"text": None if i % 50 == 20 else line}) for i, line in enumerate(lines)]
+    return Bad(train(w, *GPT2_SCRATCH, train_file=w.file("nulls.jsonl", "\n".join(rows) + "\n")),
+               ("--train_file", "nulls.jsonl", "4 row(s)", "no text", "null", "'text'"))
+
+
+@case
 def validation_split_beyond_100_percent(w):
     return Bad([*train(w, *GPT2_SCRATCH, "--validation_split_percentage", "150"), "--do_eval"],
                ("--validation_split_percentage 150",))
@@ -238,6 +262,13 @@ def model_path_that_does_not_exist(w):
 @case
 def hub_model_name_offline(w):
     return Bad(train(w, "--model_name_or_path", "gpt2"), ("--model_name_or_path gpt2", "HF_HUB_OFFLINE"))
+
+
+@case
+def hub_name_with_a_slash_offline(w):
+    # Today's hub names have an owner: asked of the hub (offline here), not taken for a missing folder.
+    return Bad(train(w, "--model_name_or_path", "openai-community/gpt2"),
+               ("--model_name_or_path openai-community/gpt2", "from the hub", "HF_HUB_OFFLINE"))
 
 
 @case
@@ -385,6 +416,29 @@ def zero_max_steps(w):
 
 
 @case
+def zero_epochs_with_max_steps_unset(w):
+    # Would train 0 steps and save the untrained model as a finished run with a NaN training loss.
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "-1", "--num_train_epochs", "0"),
+               ("--num_train_epochs 0", "above 0", "--max_steps"))
+
+
+@case
+def negative_max_steps_and_zero_epochs(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "-5", "--num_train_epochs", "0"),
+               ("--max_steps -5", "at least 1", "--num_train_epochs"))
+
+
+@case
+def negative_save_steps(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--save_steps", "-2", "--max_steps", "2"), ("--save_steps -2", "at least 1"))
+
+
+@case
+def negative_dataloader_num_workers(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--dataloader_num_workers", "-1"), ("--dataloader_num_workers -1", "0"))
+
+
+@case
 def zero_max_train_samples(w):
     return Bad(train(w, *GPT2_SCRATCH, "--max_train_samples", "0"), ("--max_train_samples 0", "at least 1",
                                                                      "leave it out"))
@@ -466,6 +520,29 @@ def resume_from_a_checkpoint_whose_trainer_state_is_not_json(w):
 
 
 @case
+def resume_from_an_unmarked_checkpoint_whose_optimizer_is_cut_short(w):
+    checkpoint = w.tmp / "checkpoint-2"
+    shutil.copytree(_trained_run(w) / "checkpoint-2", checkpoint)
+    (checkpoint / "checkpoint_complete.json").unlink()  # as another program's checkpoint: used as given
+    optimizer = checkpoint / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "4", "--resume_from_checkpoint", checkpoint),
+               ("--resume_from_checkpoint", "checkpoint-2", "optimizer.pt", "cut short"))
+
+
+@case
+def resume_an_fsdp_checkpoint_without_fsdp(w):
+    # The Trainer tells an --fsdp checkpoint by its pytorch_model_fsdp file (FULL_STATE_DICT, the only
+    # state dict --fsdp takes here) and refuses it without --fsdp, with a traceback on every process.
+    shutil.copytree(_trained_run(w) / "checkpoint-2", w.out / "checkpoint-2")
+    shutil.copy(w.out / "checkpoint-2" / "optimizer.pt", w.out / "checkpoint-2" / "pytorch_model_fsdp.bin")
+    (w.out / "checkpoint-2" / "checkpoint_complete.json").unlink()
+    write_marker(str(w.out / "checkpoint-2"), 2)  # complete, with its new file
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "4"),
+               ("checkpoint-2", "--fsdp", "--overwrite_output_dir"))
+
+
+@case
 def resume_from_a_checkpoint_with_fewer_layers(w):
     checkpoint = _trained_run(w) / "checkpoint-2"
     deeper = ["--config_overrides", "n_layer=3,n_embd=64,n_head=2,n_positions=128"]
@@ -490,6 +567,13 @@ def disk_full_while_saving_a_checkpoint(w):
                ("no space left", "checkpoint-2", "checkpoint-1", "complete and untouched", "resume"),
                env={"FULL_DISK_AT": "checkpoint-2"}, wrapper=(ROOT / "tests" / "full_disk.py",),
                new_files=("out", "out/run_info.json", "out/run_state.json", "out/checkpoint-1/**"))
+
+
+@case
+def disk_full_at_the_first_write_of_the_runs_record(w):
+    return Bad(train(w, *GPT2_SCRATCH, "--max_steps", "2", "--report_to", "none"),
+               ("no space left", "--output_dir", "run_state.json", "run the same command again"),
+               env={"FULL_DISK_AT": "run_state.json"}, wrapper=(ROOT / "tests" / "full_disk.py",))
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -623,6 +707,25 @@ def test_a_read_only_hf_home_is_named_instead_of_the_train_file(tmp_path, text_f
     assert str(home / "datasets") in errors[0] and "HF_HOME" in errors[0] and "--cache_dir" in errors[0], errors[0]
     assert "--train_file" not in errors[0]
     assert snapshot(tmp_path, text_files["train"].parent) == before
+
+
+def test_a_hub_name_with_a_slash_is_read_from_the_hub_cache(tmp_path, text_files, offline_hub):
+    # A copy of openai-community/gpt2 in a private hub cache, laid out as huggingface_hub downloads it (a tiny model
+    # with the real tokenizer): offline, the hub is asked and answers from its cache.
+    repo = tmp_path / "hf" / "hub" / "models--openai-community--gpt2"
+    commit = "0" * 40
+    _tiny_gpt2(repo / "snapshots" / commit)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZERS / "gpt2" / name, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    process = run_script("clm", "--model_name_or_path", "openai-community/gpt2", "--do_eval", "--validation_file",
+                         text_files["valid"], "--max_eval_samples", "4", "--per_device_eval_batch_size", "4",
+                         "--report_to", "none", "--output_dir", tmp_path / "out", check=False,
+                         env={"HF_HOME": str(tmp_path / "hf")})
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert str(repo / "snapshots" / commit / "config.json") in process.stdout + process.stderr
+    assert (tmp_path / "out" / "eval_results.json").is_file()
 
 
 @pytest.mark.parametrize("name", ["mlm_probability_out_of_range", "plm_probability_out_of_range",

@@ -11,7 +11,7 @@ CASES = {
     "bench_data.py": (["--repeats", "1,2", "--lines", "150", "--block_size", "128"],
                       ["pipeline", "text", "run", "wall s", "tokens/s", "peak RSS MB", "cache MB"], 8),
     "bench_integrity.py": (["--size", "tiny", "--repeats", "1", "--rounds", "1"],
-                           ["what", "MB", "check s", "overhead"], 3),
+                           ["what", "MB", "check s", "overhead"], 5),
     "bench_eval.py": (["--scales", "1,2", "--lines", "30", "--block_size", "64", "--batch_size", "2"],
                       ["approach", "eval set", "samples", "peak RSS MB", "growth vs 1x MB", "accuracy"], 4),
     "bench_train.py": (["--size", "tiny", "--steps", "2", "--warmup", "1", "--cases", "clm,mlm"],

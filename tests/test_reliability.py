@@ -230,6 +230,41 @@ def test_only_incomplete_checkpoints_is_an_error_that_names_them(tmp_path):
         checkpoint_to_resume(args_for(out))
 
 
+def test_a_folder_whose_only_checkpoints_were_damaged_says_so_in_its_error(tmp_path, caplog):
+    out = tmp_path / "out"
+    for step in (2, 4):
+        rotted = fake_checkpoint(out, step)
+        (rotted / "model.safetensors").write_bytes(b"y" * 100)  # the same size, other bytes
+    for attempt in ("moves them aside", "finds them aside"):
+        with caplog.at_level(logging.WARNING, logger="utils"), pytest.raises(UsageError) as refused:
+            checkpoint_to_resume(args_for(out))
+        assert str(refused.value) == (
+            f"--output_dir {out} is not empty and holds no checkpoint to resume from: its checkpoints were found "
+            "damaged (their files no longer match their checksums) and are kept as damaged-checkpoint-2, "
+            "damaged-checkpoint-4; choose another folder, or add --overwrite_output_dir to train over it"), attempt
+    assert "checkpoint-4 is damaged (model.safetensors has changed since it was written" in caplog.text
+
+
+def test_a_checkpoint_resumes_only_as_it_was_sharded(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from utils.runs.resume_check import check_resumable
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64))
+    plain = tmp_path / "checkpoint-2"
+    model.save_pretrained(plain)
+    (plain / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    check_resumable(str(plain), model, given=True)
+    with pytest.raises(UsageError, match=r"checkpoint-2 was written by a run without --fsdp: resume it without"):
+        check_resumable(str(plain), model, given=True, fsdp=True)
+    # The Trainer's --fsdp checkpoints hold the model state as pytorch_model_fsdp.bin (FULL_STATE_DICT).
+    torch.save(model.state_dict(), plain / "pytorch_model_fsdp.bin")
+    check_resumable(str(plain), model, given=True, fsdp=True)
+    with pytest.raises(UsageError, match=r"checkpoint-2 \(the newest .*\) was written by an --fsdp run: resume it "
+                                         r"with --fsdp, .*--overwrite_output_dir"):
+        check_resumable(str(plain), model, given=False)
+
+
 def test_explicit_checkpoint_is_checked(tmp_path):
     damaged = fake_checkpoint(tmp_path, 3)
     (damaged / "model.safetensors").unlink()

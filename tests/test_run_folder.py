@@ -4,6 +4,7 @@ Real tiny GPT-2 runs on WikiText-2 text, through the scripts as a user runs them
 disks land at chosen points (tests/fault_plugin/, tests/full_disk.py).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -151,6 +152,91 @@ def test_a_kill_after_the_evaluation_is_rerun_as_reports_only(text_files, tmp_pa
     perplexity = read_json(out / "eval_results.json")["perplexity"]
     assert f"| perplexity | {perplexity:.2f} |" in (out / "README.md").read_text(encoding="utf-8")
     assert read_json(out / "run_state.json")["stage"] == "finished"
+
+
+def test_what_a_killed_rotation_leaves_is_cleared_when_the_run_finishes(uninterrupted, text_files, tmp_path):
+    out = tmp_path / "out"
+    killed = train(text_files["train"], out, "--save_total_limit", "1", faults="kill_in_rotation@4")
+    assert killed.returncode in (-9, 137), killed.stderr[-3000:]
+    assert (out / "tmp-checkpoint-2-old").is_dir() and (out / "checkpoint-4").is_dir()
+    rerun = train(text_files["train"], out, "--save_total_limit", "1")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "training no further" in log(rerun)  # no further save, which would have cleared it too
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-4"]
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert read_json(out / "run_state.json")["stage"] == "finished"
+
+
+def test_the_same_settings_written_another_way_are_the_same_command(uninterrupted, text_files, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    before = contents(out)
+    flags = [*TINY["clm"], *RUN]
+    reordered = [arg for pair in reversed(list(zip(flags[::2], flags[1::2]))) for arg in pair]
+    process = run_script("clm", "--output_dir", out, "--do_train", "--learning_rate", "0.00005", *reordered,
+                         "--train_file", os.path.relpath(text_files["train"], ROOT), check=False)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stderr.strip().splitlines() == [
+        f"nothing to do: {out} holds the finished run of this same command, left as it is "
+        "(delete the folder or choose another --output_dir to run it again)"]
+    assert contents(out) == before
+
+
+def test_two_commands_are_the_same_when_their_parsed_settings_are(tmp_path, monkeypatch):
+    from utils.cli import Command
+    from utils.flags.arguments import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.txt").write_text("text\n", encoding="utf-8")
+
+    def fingerprint(*args) -> str:
+        return parse_args(command=Command("run_clm.py", tuple(map(str, args))))[-1].run_fingerprint
+
+    same = fingerprint("--do_train", "--train_file", tmp_path / "train.txt", "--learning_rate", "5e-5",
+                       "--output_dir", tmp_path / "out")
+    assert fingerprint("--output_dir", "out/", "--learning_rate", "0.00005", "--train_file", "./train.txt",
+                       "--do_train", "true") == same
+    flag_file = tmp_path / "flags.json"
+    flag_file.write_text(json.dumps({"output_dir": "out", "learning_rate": 0.00005, "train_file": "train.txt",
+                                     "do_train": True}), encoding="utf-8")
+    assert fingerprint(flag_file) == same
+    assert fingerprint("--do_train", "--train_file", "train.txt", "--learning_rate", "1e-3",
+                       "--output_dir", "out") != same
+    (tmp_path / "other").mkdir()
+    assert fingerprint("--do_train", "--train_file", "other/../other/train.txt", "--output_dir", "out") != same
+
+
+# ---------------------------------------------------------------------------- a folder that lost its record
+
+
+def contents(folder) -> dict:
+    """Every file of ``folder`` by its relative path: its checksum and mtime."""
+    return {str(p.relative_to(folder)): (xxhash.xxh3_128(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_folder_that_lost_its_record_is_never_taken_by_another_command(uninterrupted, text_files,
+                                                                                 tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / "run_state.json").unlink()
+    for record in (None, '{"run_id": "38a1'):  # removed, then cut off
+        if record is not None:
+            (out / "run_state.json").write_text(record, encoding="utf-8")
+        before = contents(out)
+        other = train(text_files["train"], out, "--learning_rate", "1e-3")
+        assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+        assert other.stderr.strip().splitlines()[-1] == (
+            f"error: --output_dir {out} holds a run's results, its record run_state.json is missing or unreadable, "
+            "and its newest checkpoint, checkpoint-4, was written by another command: this run cannot take them for "
+            "its own; choose another --output_dir, or add --overwrite_output_dir to replace them")
+        assert contents(out) == before
+    # The command that wrote it: the record is rebuilt from its checkpoint, and the run ends as it had.
+    same = train(text_files["train"], out)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert f"rebuilt from {out / 'checkpoint-4'}, which this same command wrote" in log(same)
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert read_json(out / "run_state.json") == read_json(uninterrupted / "run_state.json")  # id, command, finished
 
 
 def test_resume_from_a_finished_runs_folder_is_refused_with_one_line(uninterrupted, text_files, tmp_path):
@@ -314,6 +400,64 @@ def test_a_same_size_same_mtime_edit_is_tokenized_again(tmp_path):
     assert weights["b"] == weights["c"] != weights["a"]
 
 
+@pytest.mark.parametrize("max_samples", [None, 5], ids=["packed-file-moved", "prefix-written"])
+def test_a_cache_entry_checksum_is_taken_as_its_file_is_written(tmp_path, monkeypatch, max_samples):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    import utils.data.arrow_files as arrow_files
+    from utils.data.cache import cached_samples, entry_problem
+    from utils.data.prepare import SampleRecipe
+
+    read_back = []
+    monkeypatch.setattr(arrow_files, "file_digest", lambda path, flush=False: read_back.append(path))
+    rows = Dataset.from_dict({"text": WIKI_TEST_RAW.read_text(encoding="utf-8").splitlines()[:300]})
+    recipe = SampleRecipe(AutoTokenizer.from_pretrained(TOKENIZERS / "gpt2"), "text", 64, line_by_line=False,
+                          pad_to_max_length=False, num_proc=None)
+    samples = cached_samples(recipe, rows, "wiki.test.raw[:300]", max_samples, False, str(tmp_path))
+    [entry] = (tmp_path / "tokenized").iterdir()
+    assert len(samples) == (max_samples or len(samples)) > 0
+    assert read_back == []  # taken from the bytes as they went out, not read back
+    # Independently of the writer: the checksum is xxh3-128 of the file's bytes on disk.
+    checksum = read_json(entry / "checksum.json")
+    data = (entry / "samples.arrow").read_bytes()
+    assert (checksum["size"], checksum["xxh3"]) == (len(data), xxhash.xxh3_128(data).hexdigest())
+    monkeypatch.undo()
+    assert entry_problem(str(entry)) is None
+
+
+def test_a_cache_entry_with_one_byte_changed_is_rebuilt_with_a_warning(text_files, tmp_path):
+    home = {"HF_HOME": str(tmp_path / "hf")}
+    first = train(text_files["train"], tmp_path / "a", "--max_steps", "1", env=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [entry] = (tmp_path / "hf").rglob("samples.arrow")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one token id, one bit: still valid Arrow, other tokens
+    entry.write_bytes(bytes(data))
+    again = train(text_files["train"], tmp_path / "b", "--max_steps", "1", env=home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert log(again).count(f"The tokenized-data cache entry {entry.parent} is damaged: samples.arrow has changed "
+                            "since it was written (its checksum differs); tokenizing again") == 1
+    assert "Reusing tokenized data" not in log(again)
+    assert entry.read_bytes() != bytes(data)
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+
+
+def test_a_sigterm_while_tokenizing_is_one_line_and_the_rerun_starts_cleanly(uninterrupted, text_files, tmp_path):
+    home = {"HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / "out"
+    stopped = train(text_files["train"], out, faults="sigterm_while_tokenizing", env=home)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "stopped: SIGTERM received before training began (while preparing the data or the model) or while "
+        "evaluating; nothing is left half-written: run the same command to start again (exit status 143)")
+    assert list((tmp_path / "hf" / "datasets" / "tokenized").iterdir()) == []  # no entry, no work folder
+    rerun = train(text_files["train"], out, env=home)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
 def test_a_truncated_cache_entry_is_rebuilt_by_itself(text_files, tmp_path):
     home = {"HF_HOME": str(tmp_path / "hf")}
     first = train(text_files["train"], tmp_path / "a", "--max_steps", "1", env=home)
@@ -323,7 +467,7 @@ def test_a_truncated_cache_entry_is_rebuilt_by_itself(text_files, tmp_path):
     os.truncate(entry, size // 2)
     again = train(text_files["train"], tmp_path / "b", "--max_steps", "1", env=home)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert log(again).count("cannot be read") == 1 and "tokenizing again" in log(again)
+    assert log(again).count("is damaged: samples.arrow has") == 1 and "tokenizing again" in log(again)
     assert entry.stat().st_size == size
     third = train(text_files["train"], tmp_path / "c", "--max_steps", "1", env=home)
     assert third.returncode == 0 and "Reusing tokenized data" in log(third)

@@ -1,7 +1,7 @@
 """A script's command line, read once, and how the script's end becomes its exit status.
 
 ``Command.of_process()`` is the one place that reads ``sys.argv``. The flag parser
-(utils/flags/arguments.py), the run folder's record of the command (utils/runs/folder.py), the
+(utils/flags/arguments.py, which also tells one command from another by its parsed settings), the
 command line in run_info.json and the restart under torchrun (utils/launch/auto_ddp.py) all take
 the ``Command`` it returns. As in the Hugging Face examples, a command line that is one ``.json``
 argument names a file of flags.
@@ -9,7 +9,6 @@ argument names a file of flags.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -59,14 +58,6 @@ class Command:
         for name, value in self.flag_file_values().items():
             flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
         return flags
-
-    def fingerprint(self) -> str:
-        """What tells this command from another: the script's name and its arguments (a file of flags by content)."""
-        parts = [self.name, *self.args]
-        if self.flag_file is not None and os.path.isfile(self.flag_file):
-            with open(self.flag_file, "rb") as f:
-                parts.append(hashlib.sha256(f.read()).hexdigest())
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def run_cli(main) -> NoReturn:

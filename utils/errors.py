@@ -8,10 +8,12 @@ class UsageError(Exception):
     """Bad input or environment, described in one line that names the flag or file and what to do (exit 2)."""
 
 
-class TrainingStopped(Exception):
+class TrainingStopped(BaseException):
     """Training stopped before its end with its work saved (preempted, non-finite loss).
 
-    The message is the one line the script prints; ``exit_status`` is its exit status.
+    The message is the one line the script prints; ``exit_status`` is its exit status. Like
+    ``KeyboardInterrupt``, not an ``Exception``: a stop raised by a signal handler wherever the
+    script happens to be must not be taken for the error of the code it interrupted.
     """
 
     def __init__(self, message: str, exit_status: int):

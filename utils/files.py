@@ -6,12 +6,16 @@ of one: the content goes to ``NAME.tmp``, is flushed to disk, and is then rename
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 import xxhash
 
 from utils.errors import UsageError
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the errors of a full disk (or quota)
 
 
 def output_mode() -> int:
@@ -42,7 +46,7 @@ def file_digest(path: str, flush: bool = False) -> tuple[str, int]:
 class DigestingWriter:
     """A file opened for writing that takes ``file_digest``'s digest and size of the bytes as they go through.
 
-    For writers that take a file object (``torch.save``): the digest costs no second read.
+    For writers that take a file object (``torch.save``, pyarrow's): the digest costs no second read.
     """
 
     def __init__(self, path: str):
@@ -56,6 +60,10 @@ class DigestingWriter:
 
     def flush(self) -> None:
         self._file.flush()
+
+    @property
+    def closed(self) -> bool:  # pyarrow's writers ask before they write
+        return self._file.closed
 
     def result(self) -> tuple[str, int]:
         return self._digest.hexdigest(), self.size

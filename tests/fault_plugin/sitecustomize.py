@@ -27,6 +27,10 @@ only. Events, at the end of optimizer step STEP unless said otherwise:
   before its first step (STEP is ignored).
 * ``kill_after_evaluated``: SIGKILL just after the run records that its evaluation is done (its
   eval_results.json written), before the reports made from it (STEP is ignored).
+* ``kill_in_rotation``: SIGKILL while checkpoint-STEP's save rotates an older checkpoint out, once
+  that one is renamed aside (``tmp-checkpoint-N-old``), before it is deleted.
+* ``sigterm_while_tokenizing``: SIGTERM while the training text is tokenized, once its first piece is
+  done (STEP is ignored).
 """
 
 import importlib.abc
@@ -117,7 +121,9 @@ def _nan_loss(module, inputs, outputs):
 
 
 def _install(trainer_module):
+    import utils.data.prepare as prepare
     import utils.launch.cpu as cpu
+    import utils.runs.checkpoints as checkpoints
     import utils.runs.folder as folder
     import utils.train.checkpointing as checkpointing
 
@@ -153,9 +159,21 @@ def _install(trainer_module):
     original_publish, original_rotate = checkpointing.publish, checkpointing.rotate
 
     def rotate(run_dir, *args):
-        original_rotate(run_dir, *args)
         newest = max((int(name.rsplit("-", 1)[1]) for name in os.listdir(run_dir)
                       if name.startswith("checkpoint-")), default=None)
+        killed_in_rotation = planned_faults().get("kill_in_rotation") == newest and _first_attempt()
+        original_delete = checkpoints._delete
+
+        def delete(path):
+            os.rename(path, checkpoints._aside(path))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if killed_in_rotation:
+            checkpoints._delete = delete
+        try:
+            original_rotate(run_dir, *args)
+        finally:
+            checkpoints._delete = original_delete
         if planned_faults().get("kill_after_save") == newest:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -168,6 +186,16 @@ def _install(trainer_module):
         original_publish(staged, final)
 
     checkpointing.publish = publish
+
+    original_pieces = prepare.SampleRecipe._token_pieces
+
+    def token_pieces(self, *args, **kwargs):
+        for n, piece in enumerate(original_pieces(self, *args, **kwargs)):
+            if n == 0 and "sigterm_while_tokenizing" in planned_faults() and _first_attempt():
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield piece
+
+    prepare.SampleRecipe._token_pieces = token_pieces
 
 
 class _PatchTrainerOnImport(importlib.abc.MetaPathFinder):

@@ -6,12 +6,18 @@ or ``save_to_disk``, does) makes the peak memory grow with the corpus. Plain rea
 the page cache, and what was read is freed as the next record batch comes. Files are written in
 record batches of some MiB: opening a file maps it and walks its batches, and the kernel's
 read-ahead at each batch would otherwise make even that touch a good part of the file.
+
+Every file written here gets its checksum as its bytes go out (``written_digest``), for the
+tokenized-data cache to check its entries by (utils/data/cache.py).
 """
 
+import os
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 from datasets import Dataset
+
+from utils.files import DigestingWriter, file_digest
 
 
 def file_span(rows: Dataset) -> tuple[str, int, int] | None:
@@ -61,8 +67,11 @@ def file_column(span: tuple[str, int, int], name: str) -> Iterator[pa.Array]:
         yield batch.column(batch.schema.get_field_index(name))
 
 
-def write_rows(rows: Dataset, path: str) -> None:
-    """All of ``rows`` into one Arrow file at ``path``, which ``Dataset.from_file`` reads back the same."""
+def write_rows(rows: Dataset, path: str) -> tuple[str, int]:
+    """All of ``rows`` into one Arrow file at ``path``, which ``Dataset.from_file`` reads back the same.
+
+    Returns the file's checksum and size (``utils.files.file_digest``'s), taken as it was written.
+    """
     span = file_span(rows)
     if span is None:  # rows from several files or through an index mapping: through datasets, at once
         table = rows.with_format("arrow")[:]
@@ -72,21 +81,39 @@ def write_rows(rows: Dataset, path: str) -> None:
         with pa.OSFile(span[0]) as source, pa.ipc.open_stream(source) as reader:
             schema = reader.schema
         batches = file_batches(span)
-    write_batches(path, schema, batches)
+    return write_batches(path, schema, batches)
 
 
 BATCH_BYTES = 4 << 20  # the size of the record batches written
 
 
-def write_batches(path: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
-    """``batches`` into an Arrow stream file, gathered into record batches of about BATCH_BYTES."""
+_WRITTEN: dict[str, tuple[str, int]] = {}  # checksum and size of each file write_batches wrote, by path
+
+
+def write_batches(path: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> tuple[str, int]:
+    """``batches`` into an Arrow stream file, gathered into record batches of about BATCH_BYTES.
+
+    Returns the file's checksum and size, taken from its bytes as they were written.
+    """
     gathered, size = [], 0
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for batch in batches:
-            gathered.append(batch)
-            size += batch.nbytes
-            if size >= BATCH_BYTES:
+    with DigestingWriter(path) as sink:
+        with pa.ipc.new_stream(sink, schema) as writer:
+            for batch in batches:
+                gathered.append(batch)
+                size += batch.nbytes
+                if size >= BATCH_BYTES:
+                    writer.write_table(pa.Table.from_batches(gathered, schema).combine_chunks())
+                    gathered, size = [], 0
+            if gathered:
                 writer.write_table(pa.Table.from_batches(gathered, schema).combine_chunks())
-                gathered, size = [], 0
-        if gathered:
-            writer.write_table(pa.Table.from_batches(gathered, schema).combine_chunks())
+        _WRITTEN[os.path.abspath(path)] = sink.result()
+    return _WRITTEN[os.path.abspath(path)]
+
+
+def written_digest(path: str) -> tuple[str, int]:
+    """The checksum and size of the file at ``path``: as ``write_batches`` took them, else read once now
+    (a file another writer made, such as datasets' ``map``)."""
+    known = _WRITTEN.pop(os.path.abspath(path), None)
+    if known is not None and known[1] == os.path.getsize(path):
+        return known
+    return file_digest(path)

@@ -3,6 +3,11 @@
 An entry is built in a work folder of its own (``.build-PID@HOST-...``) and renamed into place
 when complete, so a run killed while tokenizing leaves no half-written entry; work folders of
 processes of this machine that are gone are removed by the next build.
+
+Entries are trusted by their content, as checkpoints are: the samples file's checksum (xxh3-128,
+utils/files.py), taken as the file is written, is stored beside it and checked at every reuse
+(a read of the file: benchmarks/bench_integrity.py measures it). An entry whose file no longer
+matches (rot, a bad copy, an edit), or that cannot be read, is built again with a warning.
 """
 
 import hashlib
@@ -17,7 +22,9 @@ import datasets
 import pyarrow as pa
 from datasets import Dataset
 
-from utils.data.arrow_files import whole_file, write_rows
+from utils.data.arrow_files import whole_file, write_rows, written_digest
+from utils.errors import UsageError
+from utils.files import file_digest, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +59,11 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
         os.makedirs(staging)
         built = whole_file(samples)
         if built is not None:  # the build's own file (all blocks, packed): moved, not written again
+            digest, size = written_digest(built)
             os.replace(built, os.path.join(staging, SAMPLES_FILE))
         else:  # a prefix (--max_train_samples), or several files: by plain reads (utils/data/arrow_files.py)
-            write_rows(samples, os.path.join(staging, SAMPLES_FILE))
+            digest, size = write_rows(samples, os.path.join(staging, SAMPLES_FILE))
+        write_json(os.path.join(staging, CHECKSUM_FILE), {"file": SAMPLES_FILE, "size": size, "xxh3": digest})
         # Publish atomically: a run killed mid-save leaves no half-written entry behind.
         if replaces and os.path.isdir(path):
             shutil.rmtree(path)
@@ -70,18 +79,39 @@ def cached_samples(recipe, rows: Dataset, source: str, max_samples: int | None, 
 
 
 def _read_entry(path: str) -> Dataset | None:
-    """The cached samples, or None (with one line) when the entry cannot be read: it is then built again."""
-    try:
-        samples = Dataset.from_file(os.path.join(path, SAMPLES_FILE))
-    except (OSError, ValueError, pa.ArrowException) as err:  # truncated, emptied, not Arrow at all
-        logger.warning("The tokenized-data cache entry %s cannot be read (%s); tokenizing again", path,
-                       (str(err).strip().splitlines() or [type(err).__name__])[0])
+    """The cached samples, or None (with one line) when the entry is damaged: it is then built again."""
+    problem = entry_problem(path)
+    if problem is None:
+        try:
+            samples = Dataset.from_file(os.path.join(path, SAMPLES_FILE))
+        except (OSError, ValueError, pa.ArrowException) as err:  # as written, yet not Arrow that datasets reads
+            problem = f"it cannot be read: {(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+    if problem is not None:
+        logger.warning("The tokenized-data cache entry %s is damaged: %s; tokenizing again", path, problem)
         return None
     logger.info("Reusing tokenized data from %s", path)
     return samples
 
 
+def entry_problem(path: str) -> str | None:
+    """Why the cache entry in ``path`` is not the one that was written, or None when its file matches its checksum."""
+    try:
+        written = read_json(os.path.join(path, CHECKSUM_FILE))
+        size, digest = int(written["size"]), str(written["xxh3"])
+    except (UsageError, TypeError, KeyError, ValueError):
+        return f"its {CHECKSUM_FILE} cannot be read"
+    samples = os.path.join(path, SAMPLES_FILE)
+    if not os.path.isfile(samples):
+        return f"{SAMPLES_FILE} is missing"
+    if os.path.getsize(samples) != size:
+        return f"{SAMPLES_FILE} has {os.path.getsize(samples)} bytes, not the {size} it was written with"
+    if file_digest(samples)[0] != digest:
+        return f"{SAMPLES_FILE} has changed since it was written (its checksum differs)"
+    return None
+
+
 SAMPLES_FILE = "samples.arrow"  # an entry is a folder holding this one Arrow file
+CHECKSUM_FILE = "checksum.json"  # ... and its checksum and size, written as the entry was built
 BUILD_PREFIX = ".build-"  # .build-PID@HOST-xxxx: the work folder of a process building a cache entry
 
 

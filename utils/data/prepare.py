@@ -30,12 +30,12 @@ from utils.data.arrow_files import file_column, file_span, write_batches
 from utils.data.cache import cached_samples, tokenizer_digest
 from utils.errors import UsageError
 from utils.data.fast_tokenize import exact_encoder
-from utils.data.raw import text_column
+from utils.data.raw import require_rows_with_text, text_column
 
 logger = logging.getLogger(__name__)
 
 # Bump when the stored layout of a prepared split changes, so old cache entries are not reused.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: each entry holds its samples file's checksum (utils/data/cache.py)
 PACK_ROWS = 10_000  # rows of token lists packed at a time when preparing a split
 SAMPLE_ROWS = 1000  # rows, spread over the split, on which a faster tokenizer path must give the same ids
 STREAM_GROUP_ROWS = 1000  # rows packed together when grouping a stream on the fly
@@ -80,6 +80,7 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
             if max_samples is not None:
                 samples = samples.take(max_samples)
         else:
+            require_rows_with_text(rows, recipe.column, split, data_args)
             # For local files the fingerprint follows the files' bytes (utils/data/raw.py), so edited text is a new key.
             source = rows._fingerprint
             with training_args.main_process_first(desc=f"preparing the {split} split"):

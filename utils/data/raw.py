@@ -152,7 +152,10 @@ def _read_files(files: dict, model_args, data_args):
     except Exception as err:  # the builders raise many kinds of parse errors
         _check_cache_written(err, model_args.cache_dir)
         names = " / ".join(f"{files[split][0]} {path}" for split, path in kinds)
-        raise UsageError(f"{names}: cannot be read as {builder}: {_first_line(err)}") from None
+        cause = _root_cause(err)  # datasets wraps the reader's error in one that says only that it failed
+        hint = "; is it text? save it as UTF-8 (from cp1252: iconv -f cp1252 -t utf-8)" \
+            if isinstance(cause, UnicodeDecodeError) else ""
+        raise UsageError(f"{names}: cannot be read as {builder}: {_first_line(cause)}{hint}") from None
 
 
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -271,6 +274,30 @@ def _require_text(dataset, column: str, requested: str | None) -> None:
         "no column holds text: check --train_file / --validation_file"
     how = f"--text_column_name {column}" if requested else f"the text column ('{column}', taken by default)"
     raise UsageError(f"{how} holds {kind} values, not text; {hint}")
+
+
+def require_rows_with_text(rows, column: str, split: str, data_args) -> None:
+    """Every row holds text: a null (a JSON row with "text": null, say) would fail deep inside the tokenizer."""
+    missing = rows.data.column(column).null_count  # the table behind the rows: counted, not read
+    if missing:
+        raise UsageError(f"{split_source(data_args, split)}: {missing} row(s) of the {split} split have no text (null "
+                         f"in the '{column}' column); give each row text (an empty string is fine) or leave those "
+                         "rows out")
+
+
+def split_source(data_args, split: str) -> str:
+    """The flag and file (or dataset) a split's rows come from."""
+    if data_args.dataset_name:
+        return f"--dataset_name {data_args.dataset_name}"
+    if split == "validation" and data_args.validation_file:
+        return f"--validation_file {data_args.validation_file}"
+    return f"--train_file {data_args.train_file}"
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _first_line(err: BaseException) -> str:

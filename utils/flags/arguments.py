@@ -5,6 +5,9 @@ examples, so that a user's existing command lines work unchanged. Each script ad
 dataclass of its own flags (``--block_size``, ``--mlm_probability``, ...).
 """
 
+import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -17,7 +20,7 @@ from utils.flags.checks import (AMP_BACKENDS, check_chunk_flags, check_counts, c
                                 check_sample_counts, check_scaling_flags, precision_config)
 from utils.flags.legacy import translate_flags, translate_values
 from utils.flags.parser import DATA, MODEL, PRECISION, RUN, flag_parser
-from utils.flags.secrets import mask_command, secret_values
+from utils.flags.secrets import SECRET_FIELDS, mask_command, secret_values
 from utils.launch.device import check_placement, setup_device, training_defaults
 
 
@@ -231,7 +234,7 @@ class LMTrainingArguments(TrainingArguments):
     run_model: str = field(default="unknown", init=False)
     run_dataset: str = field(default="unknown", init=False)
     run_command: list = field(default_factory=list, init=False)  # script and flags, hub tokens masked
-    run_fingerprint: str = field(default="", init=False)  # tells this command from another (utils.cli.Command)
+    run_fingerprint: str = field(default="", init=False)  # tells this command from another (settings_fingerprint)
     output_dir_given: bool = field(default=True, init=False)  # False: transformers' default folder, trainer_output
 
     def __post_init__(self):
@@ -272,14 +275,48 @@ def dataset_label(data_args) -> str:
     return ", ".join(f for f in files if f) or "unknown"
 
 
-def note_run(training_args, model_args, data_args, command: Command) -> None:
-    """Note on ``training_args`` what the run is: its model, data and command (hub tokens masked)."""
+# Settings that name a file or folder: the same place however it is written (relative, absolute, ./x).
+PATH_SETTINGS = ("logging_dir", "train_file", "validation_file", "cache_dir", "resume_from_checkpoint")
+# A hub name or a local folder: the folder by where it is, when one of that name exists.
+NAME_OR_PATH_SETTINGS = ("model_name_or_path", "config_name", "tokenizer_name", "dataset_name")
+# Not part of what a command does: hub tokens, and --output_dir, the folder that holds the record it is
+# compared with (a run's folder moved or copied elsewhere holds the same run).
+NOT_COMPARED = (*SECRET_FIELDS, "output_dir")
+
+
+def settings_fingerprint(script: str, parsed) -> str:
+    """What tells one command from another: the script and every setting as parsed (see NOT_COMPARED).
+
+    Parsed, not as typed: 5e-5 and 0.00005, the flags in another order, a path written another way
+    or a file of flags holding the same settings all give the same fingerprint.
+    """
+    settings = {}
+    for arguments in parsed:
+        for item in dataclasses.fields(arguments):
+            if item.init and item.name not in NOT_COMPARED:
+                value = _resolved(item.name, getattr(arguments, item.name))
+                settings[f"{type(arguments).__name__}.{item.name}"] = value
+    text = json.dumps([os.path.basename(script), settings], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _resolved(name: str, value):
+    if not isinstance(value, str) or not value:
+        return value
+    if name in PATH_SETTINGS or (name in NAME_OR_PATH_SETTINGS and os.path.exists(value)):
+        return os.path.realpath(value)
+    return value
+
+
+def note_run(parsed, command: Command) -> None:
+    """Note on the training arguments what the run is: its model, data and command (hub tokens masked)."""
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
     training_args.run_model = model_label(model_args)
     training_args.run_dataset = dataset_label(data_args)
     # Masked by the values the parser found, however they were spelled (utils/flags/secrets.py).
     secrets = secret_values(model_args, training_args)
     training_args.run_command = [command.name, *mask_command(command.flags(), secrets)]
-    training_args.run_fingerprint = command.fingerprint()
+    training_args.run_fingerprint = settings_fingerprint(command.name, parsed)
 
 
 def parse_args(*task_dataclasses, command: Command | None = None):
@@ -307,7 +344,6 @@ def parse_args(*task_dataclasses, command: Command | None = None):
     except (ValueError, TypeError) as err:
         # TrainingArguments validates flag combinations in __post_init__ with ValueError.
         raise UsageError(" ".join(str(err).split())) from None
-    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
-    check_placement(training_args, device)
-    note_run(training_args, model_args, data_args, command)
+    check_placement(parsed[-1], device)
+    note_run(parsed, command)
     return parsed

@@ -1,7 +1,7 @@
 """The checks flags get when they are parsed, each refusal one line naming its flag (``UsageError``).
 
 ``LMTrainingArguments.__post_init__`` runs them before TrainingArguments' own checks, whose
-messages name no flag, and before any process is started: batch counts and seeds, the precision
+messages name no flag, and before any process is started: counts, lengths and seeds, the precision
 flags (which build the run's ``AmpConfig``), ``--loss_chunk_size``, and ``--fsdp``/``--deepspeed``
 (refused where they would not shard as asked; the accepted forms normalized).
 """
@@ -31,7 +31,8 @@ O3_FP16_MIN_ADAM_EPSILON = 1e-4
 
 
 def check_counts(args) -> None:
-    """Batch sizes, accumulation steps and seeds that training can use, each refused by its flag."""
+    """Batch sizes, accumulation steps, seeds, the training's length, step intervals and loader workers that
+    training can use, each refused by its flag."""
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: give a whole number of at least 1")
@@ -39,10 +40,23 @@ def check_counts(args) -> None:
         value = getattr(args, flag)
         if value is not None and not _SEED_RANGE[0] <= value <= _SEED_RANGE[1]:
             raise UsageError(f"--{flag} {value}: give a number from 0 to {_SEED_RANGE[1]}")
-    if args.max_steps == 0:
+    if args.max_steps == 0 or args.max_steps < -1:
         # The Trainer reads 0 as "not set" in places and trains one step: a finished run of nothing.
-        raise UsageError("--max_steps 0: give the number of optimizer steps (at least 1), or leave it out to train "
-                         "for --num_train_epochs")
+        raise UsageError(f"--max_steps {args.max_steps}: give the number of optimizer steps (at least 1), or leave "
+                         "it out (-1) to train for --num_train_epochs")
+    if args.do_train and args.max_steps < 0 and not args.num_train_epochs > 0:
+        # Zero steps: the untrained model would be saved as the final one, with a NaN training loss.
+        raise UsageError(f"--num_train_epochs {args.num_train_epochs:g}: give a number of epochs above 0 (e.g. 3, "
+                         "or 0.5), or the number of optimizer steps with --max_steps")
+    if args.dataloader_num_workers < 0:
+        raise UsageError(f"--dataloader_num_workers {args.dataloader_num_workers}: give 0 (load batches in the "
+                         "training process) or a number of worker processes")
+    for flag, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy"),
+                           ("logging_steps", "logging_strategy")):
+        value, every = getattr(args, flag), str(getattr(getattr(args, strategy), "value", getattr(args, strategy)))
+        if value is not None and (value < 0 or (value == 0 and every == "steps")):
+            raise UsageError(f"--{flag} {value:g}: give a number of steps (at least 1), or a fraction of the run "
+                             "below 1 (e.g. 0.25)")
 
 
 def check_optimizer_numbers(args) -> None:

@@ -1,5 +1,6 @@
 """Devices and processes: which accelerator, how many processes, how they start and stop.
 
 device (NPU/CUDA/CPU), cpu (allocator, precision hints), auto_ddp (one process per device), ddp
-(find_unused_parameters from the model), torchrun (graceful stops, restarts), start (start_run).
+(find_unused_parameters from the model), torchrun (graceful stops, restarts), signals (a stop before
+training begins), start (start_run).
 """

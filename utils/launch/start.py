@@ -14,6 +14,7 @@ from utils.cli import Command
 from utils.launch.auto_ddp import run_on_all_devices
 from utils.launch.cpu import keep_freed_memory, log_precision_hint
 from utils.launch.device import describe_device
+from utils.launch.signals import stop_on_signal_while_preparing
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def setup_logging(training_args) -> None:
 
 
 def start_run(training_args) -> None:
-    """What happens between parsing and the recipe: logging, one process per device, seeds, CPU set-up.
+    """What happens between parsing and the recipe: logging, one process per device, signals, seeds, CPU set-up.
 
     A plain ``python run_*.py`` that sees several GPUs or NPUs does not return from here: it is
     replaced by one process per device under torchrun (``utils/launch/auto_ddp.py``), each of which
@@ -59,6 +60,7 @@ def start_run(training_args) -> None:
     setup_logging(training_args)
     device = training_args.device.type
     run_on_all_devices(device, Command.of_process())
+    stop_on_signal_while_preparing()  # a SIGTERM while tokenizing: one line, not a kill
     transformers.set_seed(training_args.seed)  # Python, NumPy, torch and every device, before the model is built
     if training_args.process_index == 0:
         logger.info("Device: %s", describe_device(device))

@@ -25,7 +25,8 @@ from torch.distributed.elastic.multiprocessing import api as processes
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from utils.launch.signals import STOP_SIGNALS
+
 _workers: list = []  # torchrun's process context of the current attempt (one element at most)
 _stop: dict = {}  # "signal": the first stop signal received; "exitcodes": the workers' statuses after it
 _torchrun_handler = processes._terminate_process_handler  # raises SignalException: torchrun closes the workers

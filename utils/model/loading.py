@@ -6,7 +6,8 @@ import os
 
 import huggingface_hub.constants
 import torch
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import HFValidationError, StrictDataclassClassValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 
 from transformers import AutoConfig, AutoTokenizer, CONFIG_MAPPING
@@ -164,7 +165,7 @@ def _new_model(model_class, config, model_args, dtype, attention: dict):
 
 
 def _from_pretrained(loader, source: str, flag: str, model_args, **kwargs):
-    looks_local = os.path.isabs(source) or source.startswith(".") or os.sep in source.strip(os.sep)
+    looks_local = os.path.exists(source) or not _hub_name(source)
     if looks_local and not os.path.exists(source):
         raise UsageError(f"{flag} {source}: no such folder")
     try:
@@ -178,8 +179,22 @@ def _from_pretrained(loader, source: str, flag: str, model_args, **kwargs):
                     f"{OFFLINE_FROM_SCRATCH})")
         else:
             hint = "" if looks_local else f" (without hub access, train from scratch instead: {OFFLINE_FROM_SCRATCH})"
+        # A name like owner/name that is no folder here was asked of the hub: say that no folder has it either.
+        where = " from the hub, and no local folder has that name" if not looks_local and "/" in source else ""
         message = " ".join(str(err).split())[:300]
-        raise UsageError(f"{flag} {source}: cannot load it{hint}: {message}") from None
+        raise UsageError(f"{flag} {source}: cannot load it{where}{hint}: {message}") from None
+
+
+def _hub_name(source: str) -> bool:
+    """A name the hub could hold: ``gpt2`` or ``owner/name`` (``openai-community/gpt2``), not a path like
+    ``./x``, ``/x`` or ``a/b/c``. Asked only when no folder of that name exists."""
+    if source.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _offline() -> bool:

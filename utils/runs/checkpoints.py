@@ -5,10 +5,11 @@ saving code pointed at a staging folder: ``utils/train/checkpointing.py``), its 
 to disk, a marker listing every file and its size (``checkpoint_complete.json``) is written last,
 and only then is it renamed to ``OUTPUT_DIR/checkpoint-N``; old checkpoints are rotated out after
 that. A kill at any moment therefore leaves the previous checkpoints as they were, plus at most a
-``tmp-`` folder that the next save removes. The marker also holds the run's id (``RunFolder``,
-utils/runs/folder.py) and a fast checksum (xxh3-128) of every file, taken from the bytes as
-they are saved (utils/train/save_digests.py) or, for the few small files written otherwise, in
-the pass that flushes them to disk. Resuming takes the newest checkpoint of the run whose
+``tmp-`` folder that the next save (or the run's end) removes. The marker also holds what wrote
+the checkpoint, the run's id and its command's fingerprint (``RunFolder``, utils/runs/folder.py),
+and a fast checksum (xxh3-128) of every file, taken from the bytes as they are saved
+(utils/train/save_digests.py) or, for the few small files written otherwise, in the pass that
+flushes them to disk. Resuming takes the newest checkpoint of the run whose
 marker matches its files and says which ones it skipped; one whose files no longer match its
 marker (rotted, edited, truncated) is moved aside to ``damaged-checkpoint-N``, never deleted.
 
@@ -161,8 +162,11 @@ def _other_run(path: str, run_id: str | None) -> str | None:
 
 
 def write_marker(folder: str, step: int, run_id: str | None = None,
-                 written: dict[str, tuple[str, int]] | None = None) -> None:
+                 written: dict[str, tuple[str, int]] | None = None, command: str | None = None) -> None:
     """Flush every file to disk, then list them with their sizes and checksums in the marker.
+
+    The marker also says what wrote the checkpoint: the run's id and its command's fingerprint
+    (``RunFolder``), so that a folder whose record is lost still tells its own work from another's.
 
     ``written`` holds the digests taken as files were saved (utils/train/save_digests.py); a file
     it does not cover, or whose size has changed since, is read once here, hashed and flushed in
@@ -180,7 +184,7 @@ def write_marker(folder: str, step: int, run_id: str | None = None,
             else:
                 checksums[relative], files[relative] = file_digest(path, flush=True)
     marker = os.path.join(folder, COMPLETE_MARKER)
-    content = {"global_step": step, "run_id": run_id, "files": files, "xxh3": checksums}
+    content = {"global_step": step, "run_id": run_id, "command": command, "files": files, "xxh3": checksums}
     with open(marker, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=1)
         f.flush()

@@ -8,19 +8,23 @@ is passed on (to ``train_and_evaluate``): no other module decides about the fold
   it ends (a SIGKILL too), so a crashed run never leaves a stale lock: the next run simply gets
   it. A second run into a locked folder stops with one line.
 * **The run's record**, ``OUTPUT_DIR/run_state.json``: a random id, new whenever a run starts
-  from step 0; a fingerprint of the command that last ran it (``utils.cli.Command``); and its
-  stage (``STAGES``, in order): ``claimed`` (the folder is this run's, no step taken),
-  ``training``, ``trained`` (final model and train results written), ``evaluated``
-  (eval_results.json written) and ``finished``. Each stage is written, whole, before the work
-  that follows it, so that a rerun after a crash at any point does only what is left
-  (utils/train/steps.py). Checkpoints carry the id (utils/runs/checkpoints.py), so that a resume
-  never takes a checkpoint of an earlier run left in the same folder.
+  from step 0; a fingerprint of the command that last ran it (its parsed settings,
+  ``utils.flags.arguments.settings_fingerprint``); and its stage (``STAGES``, in order):
+  ``claimed`` (the folder is this run's, no step taken), ``training``, ``trained`` (final model
+  and train results written), ``evaluated`` (eval_results.json written) and ``finished``. Each
+  stage is written, whole, before the work that follows it, so that a rerun after a crash at any
+  point does only what is left (utils/train/steps.py). Checkpoints carry the id and the
+  command's fingerprint (utils/runs/checkpoints.py), so that a resume never takes a checkpoint of
+  an earlier run left in the same folder, and a record lost from a folder that holds a run's
+  results is rebuilt from the newest checkpoint for the command that wrote it only (any other is
+  refused with one line). A full disk while the record is written is one line too; the record
+  stays as it was.
 * **What a start decides**: the same command as a finished run is a no-op (``NothingToDo``); as a
   trained one it only evaluates, as an evaluated one it only writes the reports; as an unfinished
   one it resumes, with or without ``--overwrite_output_dir`` (a preempted
   ``--overwrite_output_dir`` command resumes when run again). Another command resumes an
   unfinished run, starts over with ``--overwrite_output_dir``, and is refused in a finished run's
-  folder without it.
+  folder without it. A run that finishes clears what saves that were cut off left behind.
 
 Used as a context manager (``with RunFolder.claim(args) as run:``), a start refused with a
 ``UsageError`` lets the lock go and removes the folder if the claim made it and it is still empty.
@@ -37,9 +41,9 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from utils.errors import NothingToDo, UsageError
-from utils.files import read_json, write_json
-from utils.runs.checkpoints import (LEFTOVER, checkpoint_dirs, clear_checkpoints, given_checkpoint,
-                                    newest_complete_checkpoint, read_marker)
+from utils.files import NO_SPACE, read_json, write_json
+from utils.runs.checkpoints import (CHECKPOINT, DAMAGED_PREFIX, LEFTOVER, checkpoint_dirs, clear_checkpoints,
+                                    given_checkpoint, newest_complete_checkpoint, read_marker, remove_leftovers)
 from utils.runs.resume_check import check_resumable
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,12 @@ def read_run_state(output_dir: str) -> RunState | None:
         return None
 
 
+def run_results(output_dir: str) -> list[str]:
+    """What a run wrote into --output_dir once trained (its model, results, model card), by name."""
+    return [name for name in os.listdir(output_dir)
+            if not (NOT_RESULTS.fullmatch(name) or CHECKPOINT.fullmatch(name) or name.startswith(DAMAGED_PREFIX))]
+
+
 def check_output_dir(output_dir: str) -> None:
     """A folder we can write into, or one we can create; checked without creating anything."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -116,6 +126,7 @@ class RunFolder:
         self.recorded = True  # the folder had a record; without one (copied checkpoints) any checkpoint counts
         self.checkpoint: str | None = None  # what training resumes from
         self.resume_given = False  # the checkpoint came from --resume_from_checkpoint
+        self.fsdp = False  # this run shards the model with --fsdp (whose checkpoints are laid out otherwise)
         self._lock_fd: int | None = None
         self._created = False
 
@@ -150,7 +161,7 @@ class RunFolder:
 
     def _decide(self, args) -> None:
         command = args.run_fingerprint
-        on_disk = read_run_state(self.output_dir) if os.path.isdir(self.output_dir) else None
+        on_disk = self._read_record(args) if os.path.isdir(self.output_dir) else None
         same = on_disk is not None and on_disk.command == command
         if on_disk is not None and on_disk.stage not in UNFINISHED:
             if same and on_disk.stage == FINISHED:
@@ -172,7 +183,37 @@ class RunFolder:
         self.records = self.writes and (args.do_train or self.start_over or on_disk is None)
         self.recorded = on_disk is not None
         self.resume_given = bool(args.resume_from_checkpoint)
+        self.fsdp = bool(args.fsdp)
         self.checkpoint = self._resume_point(args)
+
+    def _read_record(self, args) -> RunState | None:
+        """The run's record; when it is missing or unreadable in a folder that holds a run's results, rebuilt
+        from what its newest checkpoint says wrote it, and only for that same command.
+
+        Without a record, checkpoints alone (copied in, or a run stopped before its results) are
+        resumed by any command, as an unfinished run is.
+        """
+        state = read_run_state(self.output_dir)
+        if state is not None or not run_results(self.output_dir):
+            return state
+        last = newest_complete_checkpoint(self.output_dir, quiet=True)
+        marker = read_marker(last) if last is not None else {}
+        if marker.get("command") == args.run_fingerprint:
+            logger.warning("%s is missing or unreadable: rebuilt from %s, which this same command wrote; going on "
+                           "from there", os.path.join(self.output_dir, RUN_STATE), last)
+            return RunState(marker.get("run_id") or uuid.uuid4().hex[:12], args.run_fingerprint, TRAINING)
+        if args.overwrite_output_dir:
+            return None  # start over, as asked
+        if last is None:
+            why = "it holds no complete checkpoint that says which command wrote them"
+        elif marker.get("command"):
+            why = f"its newest checkpoint, {os.path.basename(last)}, was written by another command"
+        else:
+            why = f"its newest checkpoint, {os.path.basename(last)}, does not say which command wrote it"
+        raise UsageError(
+            f"--output_dir {self.output_dir} holds a run's results, its record {RUN_STATE} is missing or unreadable, "
+            f"and {why}: this run cannot take them for its own; choose another --output_dir, or add "
+            "--overwrite_output_dir to replace them")
 
     def _resume_point(self, args) -> str | None:
         if not args.do_train or self.training_done:
@@ -194,13 +235,9 @@ class RunFolder:
             self.start_over = True  # nothing of this run to resume: start over, as asked
             return None
         if [name for name in os.listdir(self.output_dir) if not NOT_RESULTS.fullmatch(name)]:
-            incomplete = [path for _, path in checkpoint_dirs(self.output_dir)]
-            hint = (f" (its {', '.join(map(os.path.basename, incomplete))} is incomplete: pass "
-                    f"--resume_from_checkpoint {incomplete[0]} to use it anyway)") if incomplete else ""
-            raise UsageError(
-                f"--output_dir {self.output_dir} is not empty and holds no checkpoint to resume from{hint}; "
-                "choose another folder, or add --overwrite_output_dir to train over it"
-            )
+            raise UsageError(f"--output_dir {self.output_dir} is not empty and holds no checkpoint to resume from"
+                             f"{self._why_no_checkpoint()}; choose another folder, or add --overwrite_output_dir "
+                             "to train over it")
         return None
 
     def describe_start(self) -> str:
@@ -211,15 +248,31 @@ class RunFolder:
             return "trained before: evaluating only"
         return "starting over (--overwrite_output_dir)" if self.start_over else "fresh start"
 
+    def _why_no_checkpoint(self) -> str:
+        incomplete = [path for _, path in checkpoint_dirs(self.output_dir)]
+        damaged = sorted(name for name in os.listdir(self.output_dir) if name.startswith(DAMAGED_PREFIX))
+        if incomplete:
+            return (f" (its {', '.join(map(os.path.basename, incomplete))} is incomplete: pass "
+                    f"--resume_from_checkpoint {incomplete[0]} to use it anyway)")
+        if damaged:
+            return (f": its checkpoints were found damaged (their files no longer match their checksums) and are "
+                    f"kept as {', '.join(damaged)}")
+        return ""
+
     def check_resumable(self, model) -> None:
         """The checkpoint to resume from is one this model can load (utils/runs/resume_check.py)."""
-        check_resumable(self.checkpoint, model, given=self.resume_given)
+        check_resumable(self.checkpoint, model, given=self.resume_given, fsdp=self.fsdp)
 
     # ------------------------------------------------------------------ the record
 
     @property
     def run_id(self) -> str | None:
         return self.state.run_id if self.state is not None else None
+
+    @property
+    def command(self) -> str | None:
+        """The fingerprint of the command running it (checkpoints carry it, for a folder that lost its record)."""
+        return self.state.command if self.state is not None else None
 
     def reached(self, stage: str) -> bool:
         """The run's record says it got as far as ``stage`` (a run that starts over begins at ``claimed``)."""
@@ -241,14 +294,28 @@ class RunFolder:
         if self.records and self.start_over:
             clear_checkpoints(self.output_dir)
 
+    def finish(self) -> None:
+        """The run is done: what saves that were cut off left goes now, not at a next save that never comes."""
+        if self.writes:
+            remove_leftovers(self.output_dir)
+        self.mark(FINISHED)
+
     def mark(self, stage: str) -> None:
         """Record that the run reached ``stage``, before the work that follows it."""
         self.state.stage = stage
         self._write()
 
     def _write(self) -> None:
-        if self.records:
+        if not self.records:
+            return
+        try:
             write_json(os.path.join(self.output_dir, RUN_STATE), asdict(self.state))
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            raise UsageError(f"no space left on the disk of --output_dir {self.output_dir} while writing its "
+                             f"{RUN_STATE} (it is written whole or not at all, so nothing is lost): free some "
+                             "space and run the same command again") from None
 
     # ------------------------------------------------------------------ the lock
 

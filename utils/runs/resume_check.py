@@ -1,15 +1,18 @@
 """Can this model resume from that checkpoint? Checked before training starts.
 
 Without this check the Trainer finds out while loading, with a traceback: a folder that holds
-no checkpoint ("Can't find a valid checkpoint"), or weights of a model of another size (a
+no checkpoint ("Can't find a valid checkpoint"), weights of a model of another size (a
 state-dict size mismatch), e.g. when the command's --config_overrides changed since the
-checkpoint was written. Only the headers of the weight files are read, not the weights.
+checkpoint was written, a checkpoint laid out for --fsdp resumed without it (or the other way
+round), or a torch file cut short in a checkpoint that has no completion marker to tell. Only
+the headers of the weight files and the directories at the end of the torch files are read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,13 +22,16 @@ from utils.errors import UsageError
 TRAINER_STATE = "trainer_state.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+FSDP_STATE = "pytorch_model_fsdp"  # the Trainer's --fsdp checkpoints hold their model state under this name
+TORCH_FILES = (".pt", ".pth", ".bin")  # torch.save archives: optimizer, scheduler, RNG states, arguments
 
 
-def check_resumable(checkpoint: str | None, model, given: bool) -> None:
+def check_resumable(checkpoint: str | None, model, given: bool, fsdp: bool = False) -> None:
     """Raise UsageError unless ``checkpoint`` (if any) is a Trainer checkpoint of a model shaped like ``model``.
 
-    ``given``: it came from --resume_from_checkpoint (else resuming found it in --output_dir).
-    Called before the Trainer exists, which already creates --output_dir.
+    ``given``: it came from --resume_from_checkpoint (else resuming found it in --output_dir);
+    ``fsdp``: this run shards the model with --fsdp. Called before the Trainer exists, which
+    already creates --output_dir.
     """
     if checkpoint is None:
         return
@@ -37,6 +43,8 @@ def check_resumable(checkpoint: str | None, model, given: bool) -> None:
                          f"{TRAINER_STATE}); give a checkpoint-N folder that a training run wrote")
     restart = "" if given else ", or add --overwrite_output_dir to start over"
     _check_trainer_state(checkpoint, where, restart)
+    _check_layout(checkpoint, where, fsdp, restart)
+    _check_torch_files(checkpoint, where, restart)
     try:
         shapes = stored_shapes(weights)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
@@ -90,6 +98,29 @@ def _check_trainer_state(checkpoint: str, where: str, restart: str) -> None:
         why = " ".join(str(state).split())[:200] if isinstance(state, Exception) else "not a JSON object"
         raise UsageError(f"{where} is damaged: its {TRAINER_STATE} cannot be read ({why}); resume from an earlier "
                          f"checkpoint{restart}")
+
+
+def _check_layout(checkpoint: str, where: str, fsdp: bool, restart: str) -> None:
+    """An --fsdp checkpoint resumes under --fsdp only, a plain one without it (the Trainer loads each its own way)."""
+    sharded = any(name.startswith(FSDP_STATE) for name in os.listdir(checkpoint))
+    if sharded and not fsdp:
+        raise UsageError(f"{where} was written by an --fsdp run: resume it with --fsdp, as that run was "
+                         f"started{restart}")
+    if fsdp and not sharded:
+        raise UsageError(f"{where} was written by a run without --fsdp: resume it without --fsdp{restart}")
+
+
+def _check_torch_files(checkpoint: str, where: str, restart: str) -> None:
+    """Each torch archive is whole: a file cut short lacks the directory a zip archive ends with."""
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not name.endswith(TORCH_FILES) or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch's format before 1.6, a bare pickle: nothing to check
+        if not legacy and not zipfile.is_zipfile(path):
+            raise UsageError(f"{where} is damaged: its {name} is cut short (not a whole torch archive); resume from "
+                             f"an earlier checkpoint{restart}")
 
 
 def weight_files(folder: str) -> list[str]:

@@ -37,7 +37,9 @@ def save_checkpoint(trainer, save, run_dir: str) -> None:
     staged = os.path.join(staging, name)
     _point_best_checkpoint_at(trainer, staging, run_dir, staged)
     if trainer.args.should_save:
-        write_marker(staged, step, trainer.run.run_id if trainer.run is not None else None, written)
+        run = trainer.run
+        write_marker(staged, step, run.run_id if run is not None else None, written,
+                     command=run.command if run is not None else None)
         publish(staged, os.path.join(run_dir, name))
         os.rmdir(staging)
         # Only now that the new checkpoint is complete may older ones go.

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -24,10 +23,9 @@ import shutil
 from utils.data.raw import READERS, file_being_read
 from utils.runs.checkpoints import STAGING_PREFIX, newest_complete_checkpoint
 from utils.errors import UsageError
+from utils.files import NO_SPACE
 
 logger = logging.getLogger(__name__)
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
@@ -92,7 +90,7 @@ def _staging_folders(output_dir: str) -> list[str]:
 def _full_disk(err: BaseException, output_dir: str, staged: list[str], needed: int) -> bool:
     """Did ``err`` come from --output_dir's disk running out of room?"""
     for cause in _chain(err):
-        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE:
             if cause.filename:  # another disk (e.g. /dev/shm for DataLoader workers) is not ours to report
                 return _inside(os.fspath(cause.filename), output_dir)
             return shutil.disk_usage(output_dir).free < needed

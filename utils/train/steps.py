@@ -12,7 +12,7 @@ from utils.files import read_json
 from utils.model.metrics import TokenAccuracy, perplexity
 from utils.report.results import write_model_card
 from utils.report.run_info import write_run_info
-from utils.runs.folder import EVALUATED, FINISHED, TRAINED, TRAINING, RunFolder
+from utils.runs.folder import EVALUATED, TRAINED, TRAINING, RunFolder
 from utils.train.checkpointing import save_model_atomically
 from utils.train.failures import run_guard
 from utils.train.loss_tally import saved_mean_loss
@@ -44,7 +44,7 @@ def train_and_evaluate(model, tokenizer, training_args, samples: dict, run: RunF
         train_and_save(trainer, num_samples(samples["train"]))
     if training_args.do_eval:
         evaluate_and_save(trainer, num_samples(samples["eval"]))
-    run.mark(FINISHED)
+    run.finish()
     return trainer
 
 

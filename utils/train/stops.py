@@ -12,6 +12,8 @@
   model and stops before evaluating. Once a stop checkpoint is written, further signals are
   ignored: all that is left is to say so and exit (torchrun's own shutdown signal must not cut
   that short).
+  Before training begins, a signal stops the script at once with its own ``stopped:`` line
+  (utils/launch/signals.py); ``PreemptionCallback`` takes the signals over from there.
 * ``workers_ignore_stops``: DataLoader workers ignore SIGTERM and SIGINT. Terminals, ``timeout``,
   Slurm, systemd and Kubernetes signal the workers too (a process group, or every process);
   the training process alone decides, checkpoints, and then ends its workers itself.
@@ -39,13 +41,13 @@ from transformers import TrainerCallback
 from utils.dist import any_process
 from utils.errors import TrainingStopped
 from utils.amp.scaler import FLOOR_PATIENCE
+from utils.launch.signals import STOP_SIGNALS, training_begins
 from utils.runs.checkpoints import newest_complete_checkpoint
 from utils.train.precision import ScaleFloorCallback
 
 logger = logging.getLogger(__name__)
 
 EXIT_NONFINITE_LOSS = 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_STOP_SECONDS = 1.0  # a repeat within this time is the same stop, not a second signal
 
 
@@ -62,6 +64,7 @@ class PreemptionCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.received = self.stopped_at = None
+        training_begins()  # the stop before training hands the signals over
         self._restore_handlers()  # a train() that raised never reached on_train_end
         try:
             for sig in STOP_SIGNALS:
