@@ -13,6 +13,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_SCALE_WINDOW
 from utils.cli import Command
+from utils.data.packing import PACKINGS
 from utils.errors import UsageError
 from utils.flags.checks import (check_chunk_flags, check_counts, check_optimizer_numbers, check_sample_counts,
                                 check_scaling_flags, precision_config)
@@ -124,6 +125,21 @@ class DataArguments:
     )
     streaming: bool = field(
         default=False, metadata={"help": "Read the data as a stream instead of preparing it all first (needs --max_steps)."}
+    )
+    packing: str = field(
+        default="concat",
+        metadata={"help": "How text becomes training sequences: 'concat' (as the Hugging Face examples) joins all "
+                          "rows into one stream cut into blocks, so a block may hold the end of one document and "
+                          "the start of the next; 'document' keeps each document (a row) whole in one block, "
+                          "several per block (best fit), positions restarting in each and no token attending "
+                          "across documents; for the model families proven to keep them apart, others refused.",
+                  "choices": list(PACKINGS)},
+    )
+    sample_by: str = field(
+        default="line",
+        metadata={"help": "What a row of a text file is: a 'line', a blank-line separated 'paragraph', or the "
+                          "whole file ('document'); with --packing document each row is a document.",
+                  "choices": ["line", "paragraph", "document"]},
     )
 
     def __post_init__(self):
