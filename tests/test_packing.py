@@ -303,7 +303,8 @@ def test_eval_loss_is_the_plain_models_token_weighted_loss_over_the_documents(te
     assert results["eval_samples"] < len(documents)  # several documents in a block
     assert results["eval_loss"] == pytest.approx(_own_loss(out, documents), abs=1e-4)
 
-    # Streamed, and in two processes (whose last batches repeat blocks to even out): the same figure.
+    # Streamed, and in two processes (whose last batches repeat blocks to even out): the same figure. The
+    # two processes first take a DDP step on packed blocks at learning rate 0, which leaves the weights as they are.
     streamed = tmp_path / "streamed"
     run("clm", "--model_name_or_path", out, "--block_size", "128", "--packing", "document", "--streaming",
                "--validation_file", valid, "--do_eval", "--per_device_eval_batch_size", "8", "--report_to", "none",
@@ -311,7 +312,8 @@ def test_eval_loss_is_the_plain_models_token_weighted_loss_over_the_documents(te
     assert read_json(streamed / "eval_results.json")["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-6)
     two = tmp_path / "two"
     torchrun("--model_name_or_path", out, "--block_size", "128", "--packing", "document", "--validation_file", valid,
-             "--do_eval", "--per_device_eval_batch_size", "3", "--report_to", "none", "--output_dir", two)
+             "--do_eval", "--per_device_eval_batch_size", "3", "--train_file", text_files["train"], "--do_train",
+             "--max_steps", "1", "--learning_rate", "0", "--report_to", "none", "--output_dir", two)
     two_results = read_json(two / "eval_results.json")
     assert two_results["eval_samples"] % 6  # the last round of batches is evened out with repeats
     assert two_results["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-6)
@@ -351,7 +353,7 @@ def test_run_mlm_trains_each_proven_family_on_packed_documents(text_files, tmp_p
      "LlamaForCausalLM (llama) is not proven to keep packed documents apart"),
     ("mlm", [*TINY["mlm"], "--line_by_line"], "--packing document with --line_by_line"),
     ("clm", [*TINY["clm"], "--loss_chunk_size", "16"], "--loss_chunk_size 16 with --packing document and an "
-     "evaluation: its loss per token needs the scores"),
+     "evaluation: the eval loss per token needs the scores"),
 ])
 def test_what_cannot_keep_documents_apart_is_refused_with_one_line(text_files, tmp_path, task, flags, message):
     process = run(task, *flags, *QUICK, "--packing", "document", "--train_file", text_files["train"],

@@ -4,8 +4,9 @@ A document is a row of the data (a line, paragraph or file of text: ``--sample_b
 CSV row). Each ends with the tokenizer's end-of-text token where the tokenizer ends texts with
 no special token of its own (GPT-2); one longer than the block is cut into block-sized pieces,
 each its own document. The pieces go into blocks by best-fit decreasing (longest first, each
-into the fullest block it still fits in), a few thousand rows at a time; a block's free slots
-are padding, added per batch.
+into the fullest block it still fits in), within each piece of rows the preparation hands over
+(utils/data/prepare.py: 10,000 rows, 1,000 when streamed); a block's free slots are padding,
+added per batch.
 
 A stored block is its ``input_ids`` (no padding) and its ``position_ids``, which restart at the
 model's first position id in every document: from them the model keeps each document to itself
@@ -16,6 +17,7 @@ padding is. Padding gets no label and is never masked, so no loss, accuracy or m
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,6 +30,8 @@ from utils.data.arrow_files import write_batches
 from utils.data.collators import MaskedLMCollator
 from utils.data.fast_tokenize import Unsupported, wrapping_ids
 from utils.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 PACKINGS = ("concat", "document")  # --packing: the stock concatenation (the default), or whole documents
 UNLABELLED = -100  # the label the loss skips (torch's and transformers' ignore_index)
@@ -94,15 +98,25 @@ class DocumentPacker:
         pieces[last[rest > 0]] = rest[rest > 0]
         return pieces
 
-    def record_batch(self, ids: np.ndarray, lengths: np.ndarray) -> pa.RecordBatch:
-        tokens, positions, blocks = self.pack(ids, lengths)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(blocks)]).astype(np.int32))
-        return pa.record_batch([pa.ListArray.from_arrays(offsets, pa.array(tokens)),
-                                pa.ListArray.from_arrays(offsets, pa.array(positions))], schema=_SCHEMA)
-
     def write(self, pieces: Iterable[tuple[np.ndarray, np.ndarray]], path: str) -> Dataset:
         """Blocks of each piece of documents (``(ids, lengths)``), written to an Arrow file piece by piece."""
-        write_batches(path, _SCHEMA, (self.record_batch(ids, lengths) for ids, lengths in pieces if len(lengths)))
+        counts = {"documents": 0, "tokens": 0, "blocks": 0}
+
+        def batches():
+            for ids, lengths in pieces:
+                tokens, positions, blocks = self.pack(ids, lengths)
+                counts["documents"] += len(lengths)
+                counts["tokens"] += len(tokens)
+                counts["blocks"] += len(blocks)
+                offsets = pa.array(np.concatenate([[0], np.cumsum(blocks)]).astype(np.int32))
+                yield pa.record_batch([pa.ListArray.from_arrays(offsets, pa.array(tokens)),
+                                       pa.ListArray.from_arrays(offsets, pa.array(positions))], schema=_SCHEMA)
+
+        write_batches(path, _SCHEMA, batches())
+        if counts["blocks"]:
+            logger.info("--packing document: %d documents, %d tokens in %d blocks of %d (%.1f%% of their slots)",
+                        counts["documents"], counts["tokens"], counts["blocks"], self.seq_len,
+                        100 * counts["tokens"] / (counts["blocks"] * self.seq_len))
         return Dataset.from_file(path)
 
     def pack_rows(self, batch: dict) -> dict:
@@ -198,4 +212,3 @@ class PackedMaskedLMCollator(MaskedLMCollator):
         unmaskable = torch.isin(batch.input_ids, special_ids) | ~batch.real
         input_ids, labels = self.torch_mask_tokens(batch.input_ids, special_tokens_mask=unmaskable)
         return {"input_ids": input_ids, "position_ids": batch.position_ids, "labels": labels}
-

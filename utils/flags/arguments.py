@@ -15,8 +15,8 @@ from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_SCALE_WINDOW
 from utils.cli import Command
 from utils.data.packing import PACKINGS
 from utils.errors import UsageError
-from utils.flags.checks import (check_chunk_flags, check_counts, check_optimizer_numbers, check_sample_counts,
-                                check_scaling_flags, precision_config)
+from utils.flags.checks import (check_chunk_flags, check_counts, check_optimizer_numbers, check_packing_flags,
+                                check_sample_counts, check_scaling_flags, precision_config)
 from utils.flags.legacy import translate_flags, translate_values
 from utils.flags.secrets import mask_command, secret_values
 from utils.launch.device import check_placement, setup_device, training_defaults
@@ -314,5 +314,6 @@ def parse_args(*task_dataclasses, command: Command | None = None):
         raise UsageError(" ".join(str(err).split())) from None
     model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
     check_placement(training_args, device)
+    check_packing_flags(data_args, training_args)
     note_run(training_args, model_args, data_args, command)
     return parsed

@@ -10,7 +10,6 @@ from utils.amp.config import precision_report
 from utils.amp.optimizer import implementation
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
-from utils.errors import UsageError
 from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
 from utils.model.eval_loss import TokenWeightedLoss
 from utils.model.loss import weigh_loss_by_num_items
@@ -91,10 +90,6 @@ class LMTrainer(Trainer):
         self.eval_loss = TokenWeightedLoss(shift=accuracy.shift) if eval_loss_per_token else None
         if self.args.loss_chunk_size:
             check_chunked_loss(self.args, self.model)
-            if self.eval_loss is not None and self.eval_dataset is not None:
-                raise UsageError(f"--loss_chunk_size {self.args.loss_chunk_size} with --packing document and an "
-                                 "evaluation: its loss per token needs the scores the chunked loss does not keep; "
-                                 "leave --loss_chunk_size at 0")
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
                                                  shift=accuracy.shift)
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
