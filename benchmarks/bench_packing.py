@@ -11,8 +11,9 @@ headings, most far shorter than a block. Three ways to make training sequences o
   at the block size: the rest of a longer line is not trained on). run_clm.py has no such mode.
 
 Each case is prepared by the suite's own code (prepare_datasets, the scripts' collators, the
-model set up as the script sets it up) and trained with AdamW for --steps steps after --warmup
-untimed ones, batches drawn at random; the rounds alternate the cases, and the table gives the
+model set up as the script sets it up); each round builds its model afresh from one seed and
+trains it with AdamW for --steps steps after --warmup untimed ones, batches drawn at random
+(the order goes on from round to round). The rounds alternate the cases, and the table gives the
 median real tokens/s over the rounds. Real tokens are those of the samples before the
 collator pads them; the padding share is the padded slots over all slots of the batches.
 
@@ -81,30 +82,34 @@ class Case:
     """One way of making sequences: its samples, collator and model, and what its timed steps gave."""
 
     def __init__(self, name: str, args, rows: Dataset, cache: str):
-        objective, packing = name.split()
-        model_type, model_class = OBJECTIVES[objective]
-        tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / TOKENIZER_OF[model_type])
-        config = AutoConfig.for_model(model_type)
-        config.update_from_string(SIZES[args.size][model_type])
-        torch.manual_seed(0)
-        self.model = model_class.from_config(config)
-        if len(tokenizer) > self.model.get_input_embeddings().weight.shape[0]:
-            self.model.resize_token_embeddings(len(tokenizer))
+        objective, self.packing = name.split()
+        self.model_type, self.model_class = OBJECTIVES[objective]
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZERS / TOKENIZER_OF[self.model_type])
+        self.config = AutoConfig.for_model(self.model_type)
+        self.config.update_from_string(SIZES[args.size][self.model_type])
         documents = None
-        if packing == "document":
-            documents = DocumentPacker(tokenizer, args.block_size, first_position=prepared_for_documents(self.model))
+        if self.packing == "document":
+            first_position = prepared_for_documents(self.new_model())  # and refused here if not proven
+            documents = DocumentPacker(tokenizer, args.block_size, first_position=first_position)
         data_args = SimpleNamespace(streaming=False, max_train_samples=None, max_eval_samples=None,
                                     text_column_name=None, preprocessing_num_workers=None, overwrite_cache=False)
         training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1,
                                         main_process_first=lambda desc=None: contextlib.nullcontext())
         self.samples = prepare_datasets({"train": rows}, tokenizer, data_args, training_args, seq_len=args.block_size,
-                                        line_by_line=packing == "line_by_line", documents=documents,
+                                        line_by_line=self.packing == "line_by_line", documents=documents,
                                         cache_dir=cache)["train"]
-        self.collator = _collator(objective, packing, tokenizer)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.collator = _collator(objective, self.packing, tokenizer)
         self.order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(0)).tolist()
         self.next = 0
         self.name, self.speeds, self.real, self.slots = name, [], 0, 0
+
+    def new_model(self):
+        """The case's model as the script sets it up, from one seed (one model in memory at a time)."""
+        torch.manual_seed(0)
+        model = self.model_class.from_config(self.config)
+        if self.packing == "document":
+            prepared_for_documents(model)
+        return model
 
     def batch(self, size: int) -> tuple[dict, int]:
         """The next batch of the random order (wrapping round), and its real tokens."""
@@ -115,21 +120,23 @@ class Case:
         return self.collator(examples), sum(len(e["input_ids"]) for e in examples)
 
     def round(self, args) -> None:
-        self.model.train()
+        model = self.new_model().train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         real = 0
         for step in range(args.warmup + args.steps):
             batch, tokens = self.batch(args.batch_size)
             if step == args.warmup:
                 start = time.perf_counter()
-            loss = self.model(**batch).loss
+            loss = model(**batch).loss
             loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             if step >= args.warmup:
                 real += tokens
                 self.real += tokens
                 self.slots += batch["input_ids"].numel()
         self.speeds.append(real / (time.perf_counter() - start))
+        show_progress([self.name, f"round {len(self.speeds)}", f"{self.speeds[-1]:,.0f} real tokens/s"])
 
     def row(self) -> list[str]:
         per_sample = sum(len(ids) for ids in self.samples["input_ids"]) / len(self.samples)
@@ -161,8 +168,6 @@ def main(argv=None) -> None:
             for case in cases:
                 case.round(args)
     rows_out = [case.row() for case in cases]
-    for row in rows_out:
-        show_progress(row)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print_table(COLUMNS, rows_out)
 
