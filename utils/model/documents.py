@@ -53,8 +53,8 @@ def prepared_for_documents(model) -> int:
         raise UsageError(f"--packing document with --attn_implementation {attention}: documents are proven kept "
                          f"apart with {' and '.join(PROVEN_ATTENTION)} only; pick one of those")
     model.register_forward_pre_hook(_DocumentInputs(family), with_kwargs=True)
-    logger.info("--packing document: %s keeps each document to itself (%s)", type(model).__name__,
-                "a block mask from the position ids" if family.block_mask else "transformers' mask from the position ids")
+    how = "a block mask built from the position ids" if family.block_mask else "transformers' mask from the position ids"
+    logger.info("--packing document: %s keeps each document to itself (%s)", type(model).__name__, how)
     return first_position_id(model.config)
 
 
