@@ -15,11 +15,13 @@ from transformers import AutoModelForCausalLM
 
 from utils.cli import run_cli
 from utils.data.collators import CausalLMCollator
-from utils.data.prepare import prepare_datasets
+from utils.data.packing import DocumentPacker, PackedCausalLMCollator
+from utils.data.prepare import prepare_datasets, tokens_per_sample
 from utils.data.raw import load_raw_datasets
 from utils.flags.arguments import parse_args
 from utils.flags.parser import DATA
 from utils.launch.start import start_run
+from utils.model.documents import prepared_for_documents
 from utils.model.loading import load_config, load_model, load_tokenizer, resolve_seq_len
 from utils.model.metrics import TokenAccuracy
 from utils.runs.folder import RunFolder
@@ -51,11 +53,17 @@ def main():
 
         block_size = resolve_seq_len(clm_args.block_size, tokenizer, config, "--block_size", minimum=2,
                                      why="each token learns to predict the next one in its block")
+        documents = None
+        if data_args.packing == "document":  # whole documents in blocks, none attending to another
+            documents = DocumentPacker(tokenizer, block_size, first_position=prepared_for_documents(model))
         samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
-                                   cache_dir=model_args.cache_dir)
+                                   documents=documents, cache_dir=model_args.cache_dir)
 
-        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=CausalLMCollator(),
-                           accuracy=TokenAccuracy(shift=True), tokens_per_sample=float(block_size))
+        collator = CausalLMCollator() if documents is None else PackedCausalLMCollator(tokenizer)
+        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator,
+                           accuracy=TokenAccuracy(shift=True),
+                           tokens_per_sample=tokens_per_sample(samples.get("train"), block_size, documents is not None),
+                           eval_loss_per_token=documents is not None)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ from transformers import AutoModelForMaskedLM
 
 from utils.cli import run_cli
 from utils.data.collators import MaskedLMCollator
+from utils.data.packing import DocumentPacker, PackedMaskedLMCollator
 from utils.data.prepare import prepare_datasets, tokens_per_sample
 from utils.data.raw import load_raw_datasets
 from utils.errors import UsageError
 from utils.flags.arguments import SequenceArguments, parse_args
 from utils.launch.start import start_run
+from utils.model.documents import prepared_for_documents
 from utils.model.loading import (load_config, load_model, load_tokenizer, require_mask_token,
                                  require_maskable_tokens, resolve_seq_len)
 from utils.model.metrics import TokenAccuracy
@@ -56,18 +58,26 @@ def main():
 
         seq_len = resolve_seq_len(mlm_args.max_seq_length, tokenizer, config, "--max_seq_length")
         require_maskable_tokens(tokenizer, seq_len, mlm_args.mlm_probability, training_args)
+        documents = None
+        if data_args.packing == "document":  # whole documents in blocks, none attending to another
+            documents = DocumentPacker(tokenizer, seq_len, first_position=prepared_for_documents(model))
         samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=seq_len,
                                    line_by_line=mlm_args.line_by_line, pad_to_max_length=mlm_args.pad_to_max_length,
-                                   cache_dir=model_args.cache_dir)
-        collator = MaskedLMCollator(
-            tokenizer=tokenizer,
-            mlm_probability=mlm_args.mlm_probability,
-            # Multiples of 8 use tensor cores well, unless everything is padded to one length anyway.
-            pad_to_multiple_of=8 if mlm_args.line_by_line and not mlm_args.pad_to_max_length else None,
-        )
+                                   documents=documents, cache_dir=model_args.cache_dir)
+        if documents is not None:
+            collator = PackedMaskedLMCollator(tokenizer=tokenizer, mlm_probability=mlm_args.mlm_probability)
+        else:
+            collator = MaskedLMCollator(
+                tokenizer=tokenizer,
+                mlm_probability=mlm_args.mlm_probability,
+                # Multiples of 8 use tensor cores well, unless everything is padded to one length anyway.
+                pad_to_multiple_of=8 if mlm_args.line_by_line and not mlm_args.pad_to_max_length else None,
+            )
 
+        varying = mlm_args.line_by_line or documents is not None  # samples of their own lengths
         train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator, accuracy=TokenAccuracy(),
-                           tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, mlm_args.line_by_line))
+                           tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, varying),
+                           eval_loss_per_token=documents is not None)
 
 
 if __name__ == "__main__":

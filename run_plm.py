@@ -20,6 +20,7 @@ from utils.data.raw import load_raw_datasets
 from utils.errors import UsageError
 from utils.flags.arguments import SequenceArguments, parse_args
 from utils.launch.start import start_run
+from utils.model.documents import prepared_for_documents
 from utils.model.loading import load_config, load_model, load_tokenizer, require_mask_token, resolve_seq_len
 from utils.model.metrics import TokenAccuracy
 from utils.runs.folder import RunFolder
@@ -60,6 +61,8 @@ def main():
         require_mask_token(tokenizer, "permutation language modeling")
         model = load_model(model_args, config, tokenizer, XLNetLMHeadModel)
         run.check_resumable(model)  # a checkpoint this model can load, before any writing
+        if data_args.packing == "document":
+            prepared_for_documents(model)  # refuses: XLNet's permutation attention has no per-document mask here
 
         seq_len = resolve_seq_len(plm_args.max_seq_length, tokenizer, config, "--max_seq_length")
         seq_len -= seq_len % 2  # a clamp to an odd model maximum must still give an even length

@@ -171,7 +171,8 @@ def ours_preprocess(text: str, cache: str, tokenizer_name: str, block_size: int)
     model_args = SimpleNamespace(cache_dir=cache, token=None)
     data_args = SimpleNamespace(dataset_name=None, train_file=text, validation_file=str(validation),
                                 keep_linebreaks=True, streaming=False, max_train_samples=None, max_eval_samples=None,
-                                text_column_name=None, preprocessing_num_workers=None, overwrite_cache=False)
+                                text_column_name=None, preprocessing_num_workers=None, overwrite_cache=False,
+                                sample_by="line")
     raw = load_raw_datasets(model_args, data_args)
     LOADED_RSS.append(_peak_rss_mb())
     training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1, main_process_first=lambda desc=None: contextlib.nullcontext())

@@ -10,6 +10,8 @@ from conftest import ROOT
 CASES = {
     "bench_data.py": (["--repeats", "1,2", "--lines", "150", "--block_size", "128"],
                       ["pipeline", "text", "run", "wall s", "tokens/s", "peak RSS MB", "cache MB"], 8),
+    "bench_packing.py": (["--size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1", "--lines", "200"],
+                         ["case", "padding share", "real tokens/s (median)"], 5),
     "bench_integrity.py": (["--size", "tiny", "--repeats", "1", "--rounds", "1"],
                            ["what", "MB", "check s", "overhead"], 5),
     "bench_eval.py": (["--scales", "1,2", "--lines", "30", "--block_size", "64", "--batch_size", "2"],

@@ -162,7 +162,7 @@ def _args(**changes):
     data_args = SimpleNamespace(max_train_samples=None, max_eval_samples=None, text_column_name=None,
                                 preprocessing_num_workers=None, overwrite_cache=False, streaming=False,
                                 train_file=None, validation_file=None, dataset_name=None, keep_linebreaks=True,
-                                validation_split_percentage=5)
+                                validation_split_percentage=5, sample_by="line")
     training_args = SimpleNamespace(do_train=True, do_eval=False, max_steps=-1,
                                     main_process_first=lambda desc: contextlib.nullcontext())
     for key, value in changes.items():

@@ -108,7 +108,8 @@ O2_COMBINE = ["--fp16", "--fp16_opt_level", "O2", "--use_combine_grad", "--max_g
               "--per_device_train_batch_size", "2", "--max_train_samples", "64"]
 
 
-@pytest.mark.parametrize("precision", [[], O2_COMBINE], ids=["fp32", "fp16-O2-combine_grad"])
+@pytest.mark.parametrize("precision", [[], O2_COMBINE, [*O2_COMBINE, "--packing", "document", "--streaming"]],
+                         ids=["fp32", "fp16-O2-combine_grad", "fp16-O2-combine_grad-packed-documents-streamed"])
 def test_resume_reaches_the_same_state_as_an_uninterrupted_run(precision, text_files, tmp_path):
     flags = [*TINY["clm"], *QUICK, *precision, "--max_steps", "6", "--save_steps", "3", "--train_file",
              text_files["train"], "--do_train", "--logging_steps", "1", "--train_sampling_strategy", "sequential"]

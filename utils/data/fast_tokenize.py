@@ -65,7 +65,7 @@ class ByteLevelEncoder:
                 self.code_of_id[token["id"]] = len(id_of_code)
                 id_of_code.append(token["id"])
         self.id_of_code = np.asarray(id_of_code, np.int32)
-        prefix, suffix = _wrapping_ids(tokenizer)
+        prefix, suffix = wrapping_ids(tokenizer)
         self.prefix, self.suffix = self._codes(prefix), self._codes(suffix)
         self.added_codes, special_rules = {}, []
         for token in spec.get("added_tokens") or []:
@@ -156,7 +156,7 @@ def _build_encoding(model: dict):
     return encoding, id_of_rank
 
 
-def _wrapping_ids(tokenizer) -> tuple[list[int], list[int]]:
+def wrapping_ids(tokenizer) -> tuple[list[int], list[int]]:
     """The special-token ids the tokenizer puts before and after every text."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     wrapped = tokenizer("a")["input_ids"]

@@ -4,7 +4,8 @@
 
 Samples are token-id sequences stored as int32. Grouped text is packed into blocks of
 ``seq_len`` tokens as one continuous stream (only the final partial block is dropped),
-with NumPy instead of Python list concatenation. Labels, attention masks and special-token
+with NumPy instead of Python list concatenation; under ``--packing document`` each document
+stays whole in one block instead (utils/data/packing.py). Labels, attention masks and special-token
 masks are not stored: the collators derive them per batch, which keeps the cache small.
 
 A prepared split is saved under the tokenized-data cache with a key made of everything that
@@ -30,6 +31,7 @@ from utils.data.arrow_files import file_column, file_span, write_batches
 from utils.data.cache import cached_samples, tokenizer_digest
 from utils.errors import UsageError
 from utils.data.fast_tokenize import exact_encoder
+from utils.data.packing import DocumentPacker
 from utils.data.raw import require_rows_with_text, text_column
 
 logger = logging.getLogger(__name__)
@@ -44,8 +46,16 @@ STREAM_EVAL_SAMPLES = 1000
 
 
 def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, line_by_line: bool = False,
-                     pad_to_max_length: bool = False, cache_dir: str | None = None) -> dict:
-    """Tokenized samples for the splits the run needs: ``{"train": ..., "eval": ...}``."""
+                     pad_to_max_length: bool = False, documents: DocumentPacker | None = None,
+                     cache_dir: str | None = None) -> dict:
+    """Tokenized samples for the splits the run needs: ``{"train": ..., "eval": ...}``.
+
+    ``documents``: --packing document's packer; None packs the stock way (one stream cut into blocks).
+    """
+    if documents is not None and (line_by_line or pad_to_max_length):
+        flag = "--line_by_line" if line_by_line else "--pad_to_max_length"
+        raise UsageError(f"--packing document with {flag}: packing puts several whole documents in each "
+                         f"sequence and pads per batch; use one of the two")
     wanted = {"train": (training_args.do_train, data_args.max_train_samples),
               "eval": (training_args.do_eval, data_args.max_eval_samples)}
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
@@ -70,6 +80,7 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
             line_by_line=line_by_line,
             pad_to_max_length=pad_to_max_length,
             num_proc=data_args.preprocessing_num_workers,
+            documents=documents,
         )
         if isinstance(rows, IterableDataset):
             if max_samples is None and name == "eval":
@@ -97,8 +108,9 @@ class SampleRecipe:
     """How raw text rows become samples: tokenize, then pack into blocks or keep one line per sample."""
 
     def __init__(self, tokenizer, column: str, seq_len: int, line_by_line: bool, pad_to_max_length: bool,
-                 num_proc: int | None):
+                 num_proc: int | None, documents: DocumentPacker | None = None):
         self.tokenizer = tokenizer
+        self.documents = documents
         self.column = column
         self.seq_len = seq_len
         self.line_by_line = line_by_line
@@ -117,12 +129,15 @@ class SampleRecipe:
             "pad_to_max_length": self.pad_to_max_length,
             "max_samples": max_samples,
         }
+        if self.documents is not None:  # only then: the stock samples keep their cache entries
+            parts["documents"] = self.documents.key()
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
     def tokenize(self, batch: dict) -> dict:
         texts = batch[self.column]
+        if self.line_by_line or self.documents is not None:
+            texts = [text for text in texts if _has_text(text)]
         if self.line_by_line:
-            texts = [text for text in texts if text and not text.isspace()]
             encoded = self.tokenizer(
                 texts,
                 truncation=True,
@@ -133,7 +148,7 @@ class SampleRecipe:
                 verbose=False,
             )
         else:
-            # Long rows are fine here: they are cut into blocks afterwards.
+            # Long rows are fine here: they are cut into blocks (or documents into pieces) afterwards.
             encoded = self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False)
         return dict(encoded)
 
@@ -150,10 +165,13 @@ class SampleRecipe:
         encode = None if self.line_by_line else self._ids_function(rows)
         while True:
             prefix = rows.select(range(count)) if count < n_rows else rows
+            path = os.path.join(workdir, f"blocks-{count}.arrow")
             if self.line_by_line:
                 samples = self._tokenize_rows(prefix, workdir)
+            elif self.documents is not None:
+                samples = self.documents.write(self._token_pieces(prefix, encode), path)
             else:
-                samples = self._pack(self._token_pieces(prefix, encode), os.path.join(workdir, f"blocks-{count}.arrow"))
+                samples = self._pack(self._token_pieces(prefix, encode), path)
             if max_samples is None or len(samples) >= max_samples or count == n_rows:
                 break
             # Grow the prefix towards the size that should hold enough samples, at least doubling it.
@@ -176,13 +194,16 @@ class SampleRecipe:
         )
 
     def _ids_function(self, rows: Dataset):
-        """texts -> their ids one after the other: tiktoken where it is exact on this text, else the tokenizer."""
+        """texts -> (their ids one after the other, the number of each text's ids): tiktoken where it is exact
+        on this text, else the tokenizer. Documents are the texts that hold some text."""
         n_rows = len(rows)
         spread = np.unique(np.linspace(0, n_rows - 1, min(n_rows, SAMPLE_ROWS)).astype(np.int64)) if n_rows else []
         encoder = exact_encoder(self.tokenizer, self._texts_at(rows, spread))
-        if encoder is not None:
-            return lambda texts: encoder.encode(texts)[0]
-        return self._tokenizer_ids
+        if encoder is None:
+            return self._tokenizer_ids  # tokenize() keeps the documents
+        if self.documents is not None:
+            return lambda texts: encoder.encode([text for text in texts if _has_text(text)])
+        return encoder.encode
 
     def _texts_at(self, rows: Dataset, indices: np.ndarray) -> list[str]:
         """The texts of rows ``indices`` (ascending), by plain reads where ``_text_pieces`` reads so."""
@@ -198,12 +219,14 @@ class SampleRecipe:
             offset += len(column)
         return texts
 
-    def _tokenizer_ids(self, texts: list[str]) -> np.ndarray:
+    def _tokenizer_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         lists = self.tokenize({self.column: texts})["input_ids"]
-        return np.fromiter(itertools.chain.from_iterable(lists), np.int32)
+        lengths = np.fromiter(map(len, lists), np.int64, count=len(lists))
+        return np.fromiter(itertools.chain.from_iterable(lists), np.int32, count=int(lengths.sum())), lengths
 
-    def _token_pieces(self, rows: Dataset, encode) -> Iterator[np.ndarray]:
-        """The ids of PACK_ROWS rows at a time, in order; tokenized in ``num_proc`` processes if asked."""
+    def _token_pieces(self, rows: Dataset, encode) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The ids of PACK_ROWS rows at a time, in order, with each row's count; tokenized in ``num_proc``
+        processes if asked."""
         bounds = [(start, min(start + PACK_ROWS, len(rows))) for start in range(0, len(rows), PACK_ROWS)]
         if not self.num_proc or self.num_proc < 2 or len(bounds) < 2:
             for texts in self._text_pieces(rows, bounds):
@@ -229,7 +252,7 @@ class SampleRecipe:
             for start in range(0, len(column), PACK_ROWS):
                 yield column.slice(start, PACK_ROWS).to_pylist()
 
-    def _pack(self, pieces: Iterator[np.ndarray], path: str) -> Dataset:
+    def _pack(self, pieces: Iterator[tuple[np.ndarray, np.ndarray]], path: str) -> Dataset:
         """Blocks written to an Arrow file piece by piece, so memory does not grow with the corpus.
 
         The stream stays continuous: the tokens left over after one piece start the next one.
@@ -239,7 +262,7 @@ class SampleRecipe:
 
         def batches() -> Iterator[pa.RecordBatch]:
             carry = np.empty(0, np.int32)
-            for ids in pieces:
+            for ids, _ in pieces:
                 flat = np.concatenate([carry, ids.astype(np.int32, copy=False)])
                 blocks = pack_blocks(flat, self.seq_len)
                 carry = flat[blocks.size:]
@@ -255,12 +278,18 @@ class SampleRecipe:
         tokens = rows.map(self.tokenize, batched=True, remove_columns=rows.column_names)
         if self.line_by_line:
             return tokens
-        return tokens.map(self._pack_batch, batched=True, batch_size=STREAM_GROUP_ROWS)
+        pack = self._pack_batch if self.documents is None else self.documents.pack_rows
+        return tokens.map(pack, batched=True, batch_size=STREAM_GROUP_ROWS)
 
     def _pack_batch(self, batch: dict) -> dict:
         lists = batch["input_ids"]
         flat = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in lists]) if lists else np.empty(0, np.int32)
         return {"input_ids": list(pack_blocks(flat, self.seq_len))}
+
+
+def _has_text(text: str | None) -> bool:
+    """A row that is a line (--line_by_line) or a document (--packing document): not empty, not only spaces."""
+    return bool(text) and not text.isspace()
 
 
 def pack_blocks(flat: np.ndarray, seq_len: int) -> np.ndarray:
@@ -277,9 +306,12 @@ def _encode_range(bounds: tuple[int, int]) -> np.ndarray:
     return encode(rows[bounds[0]:bounds[1]][column])
 
 
-def tokens_per_sample(samples, seq_len: int, line_by_line: bool) -> float | None:
-    """Mean tokens in one sample (for tokens/s), without reading the samples one by one."""
-    if not line_by_line:
+def tokens_per_sample(samples, seq_len: int, varying: bool) -> float | None:
+    """Mean tokens in one sample (for tokens/s; padding not counted), without reading the samples one by one.
+
+    ``varying``: samples of their own lengths (--line_by_line, --packing document), else all ``seq_len``.
+    """
+    if not varying:
         return float(seq_len)
     if not isinstance(samples, Dataset) or len(samples) == 0:
         return None

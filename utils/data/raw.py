@@ -31,6 +31,9 @@ READERS = os.sep + os.path.join("datasets", "packaged_modules") + os.sep  # wher
 
 def load_raw_datasets(model_args, data_args) -> DatasetDict | IterableDatasetDict:
     """The raw text splits ``train`` and ``validation`` from the hub or from local files."""
+    if data_args.sample_by != "line" and data_args.dataset_name and not os.path.isdir(data_args.dataset_name):
+        raise UsageError(f"--sample_by {data_args.sample_by} splits local text files; a hub dataset's rows are "
+                         "its documents: drop the flag, or pass text files with --train_file")
     if data_args.dataset_name:
         raw = _load_hub_dataset(model_args, data_args)
         source = f"--dataset_name {data_args.dataset_name}"
@@ -135,6 +138,11 @@ def _read_files(files: dict, model_args, data_args):
         )
     builder = next(iter(kinds.values()))
     extra = {"keep_linebreaks": data_args.keep_linebreaks, "chunksize": TEXT_CHUNK_BYTES} if builder == "text" else {}
+    if data_args.sample_by != "line":  # given only then: the default's rows keep their fingerprint, hence their cache
+        if builder != "text":
+            raise UsageError(f"--sample_by {data_args.sample_by} splits text files; in {builder} data each row is "
+                             "a document: drop the flag")
+        extra["sample_by"] = data_args.sample_by
     if not data_args.streaming:
         # datasets keys its copy of local files by path and mtime only: a same-size edit that kept the
         # mtime (cp -p, rsync -t, tar) would be served stale. The content digest is part of its config

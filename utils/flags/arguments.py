@@ -15,9 +15,10 @@ from transformers import TrainingArguments
 
 from utils.amp.config import DEFAULT_MIN_SCALE, DEFAULT_OPT_LEVEL, DEFAULT_SCALE_WINDOW, OPT_LEVELS
 from utils.cli import Command
+from utils.data.packing import PACKINGS
 from utils.errors import UsageError
 from utils.flags.checks import (AMP_BACKENDS, check_chunk_flags, check_counts, check_optimizer_numbers,
-                                check_sample_counts, check_scaling_flags, precision_config)
+                                check_packing_flags, check_sample_counts, check_scaling_flags, precision_config)
 from utils.flags.legacy import translate_flags, translate_values
 from utils.flags.parser import DATA, MODEL, PRECISION, RUN, flag_parser
 from utils.flags.secrets import SECRET_FIELDS, mask_command, secret_values
@@ -131,6 +132,21 @@ class DataArguments:
     )
     streaming: bool = field(
         default=False, metadata={"help": "Read the data as a stream instead of preparing it all first (needs --max_steps)."}
+    )
+    packing: str = field(
+        default="concat",
+        metadata={"help": "How text becomes training sequences: 'concat' (as the Hugging Face examples) joins all "
+                          "rows into one stream cut into blocks, so a block may hold the end of one document and "
+                          "the start of the next; 'document' keeps each document (a row) whole in one block, "
+                          "several per block (best fit), positions restarting in each and no token attending "
+                          "across documents; for the model families proven to keep them apart, others refused.",
+                  "choices": list(PACKINGS)},
+    )
+    sample_by: str = field(
+        default="line",
+        metadata={"help": "What a row of a text file is: a 'line', a blank-line separated 'paragraph', or the "
+                          "whole file ('document'); with --packing document each row is a document.",
+                  "choices": ["line", "paragraph", "document"]},
     )
 
     def __post_init__(self):
@@ -345,5 +361,6 @@ def parse_args(*task_dataclasses, command: Command | None = None):
         # TrainingArguments validates flag combinations in __post_init__ with ValueError.
         raise UsageError(" ".join(str(err).split())) from None
     check_placement(parsed[-1], device)
+    check_packing_flags(parsed[1], parsed[-1])
     note_run(parsed, command)
     return parsed

@@ -3,7 +3,8 @@
 ``LMTrainingArguments.__post_init__`` runs them before TrainingArguments' own checks, whose
 messages name no flag, and before any process is started: counts, lengths and seeds, the precision
 flags (which build the run's ``AmpConfig``), ``--loss_chunk_size``, and ``--fsdp``/``--deepspeed``
-(refused where they would not shard as asked; the accepted forms normalized).
+(refused where they would not shard as asked; the accepted forms normalized). ``parse_args`` runs
+``check_packing_flags`` once all the flags are parsed (it reads the data flags and the training ones).
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ def check_chunk_flags(args) -> None:
                          "--label_smoothing_factor")
     if args.loss_chunk_size and args.fsdp:
         raise UsageError(f"{flag} reads the output layer's whole weight, which --fsdp shards: use one of the two")
+
+
+def check_packing_flags(data_args, training_args) -> None:
+    """``--packing document`` with a flag it cannot serve."""
+    if data_args.packing == "document" and training_args.loss_chunk_size and training_args.do_eval:
+        raise UsageError(f"--loss_chunk_size {training_args.loss_chunk_size} with --packing document and an "
+                         "evaluation: the eval loss per token needs the scores the chunked loss does not keep; "
+                         "leave --loss_chunk_size at 0, or evaluate in a run of its own")
 
 
 # ---------------------------------------------------------------------------- --fsdp, --deepspeed

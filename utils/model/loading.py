@@ -209,10 +209,13 @@ def model_max_length(tokenizer, config) -> int | None:
         limits.append(tokenizer.model_max_length)
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 0:
-        if config.model_type in _OFFSET_POSITIONS:
-            positions -= (config.pad_token_id or 0) + 1
-        limits.append(positions)
+        limits.append(positions - first_position_id(config))
     return min(limits) if limits else None
+
+
+def first_position_id(config) -> int:
+    """The position id of a sequence's first token: after the padding index for RoBERTa-like models, else 0."""
+    return (config.pad_token_id or 0) + 1 if config.model_type in _OFFSET_POSITIONS else 0
 
 
 def resolve_seq_len(requested: int | None, tokenizer, config, flag: str, default: int = 1024,

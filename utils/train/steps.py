@@ -23,11 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 def train_and_evaluate(model, tokenizer, training_args, samples: dict, run: RunFolder, *, collator,
-                       accuracy: TokenAccuracy, tokens_per_sample: float | None) -> LMTrainer:
+                       accuracy: TokenAccuracy, tokens_per_sample: float | None,
+                       eval_loss_per_token: bool = False) -> LMTrainer:
     """An LMTrainer on the prepared samples, then --do_train and --do_eval; the run is then finished.
 
     What the objective decides is given: the collator, the accuracy and the mean tokens in a
-    training sample. ``run`` (the claimed --output_dir) says what is left to do there.
+    training sample; ``eval_loss_per_token`` for samples of packed documents (LMTrainer).
+    ``run`` (the claimed --output_dir) says what is left to do there.
     """
     trainer = LMTrainer(
         model=model,
@@ -39,6 +41,7 @@ def train_and_evaluate(model, tokenizer, training_args, samples: dict, run: RunF
         accuracy=accuracy,
         tokens_per_sample=tokens_per_sample,
         run=run,
+        eval_loss_per_token=eval_loss_per_token,
     )
     if training_args.do_train:
         train_and_save(trainer, num_samples(samples["train"]))

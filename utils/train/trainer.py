@@ -11,6 +11,7 @@ from utils.amp.optimizer import implementation
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
 from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
+from utils.model.eval_loss import TokenWeightedLoss
 from utils.model.loss import weigh_loss_by_num_items
 from utils.model.metrics import TokenAccuracy, perplexity
 from utils.report.results import save_results
@@ -40,10 +41,12 @@ class LMTrainer(Trainer):
     ``_clip_grad_norm``,            unscaled master grads                        utils/train/precision.py
     ``_get_grad_norm``
     ``_save``                       fp32 weights from the masters                utils/train/precision.py
-    ``compute_loss``                ``--loss_chunk_size``                        utils/model/chunked_loss.py
+    ``compute_loss``                ``--loss_chunk_size``;                       utils/model/chunked_loss.py,
+                                    the eval loss per token                      utils/model/eval_loss.py
     ``training_step``, ``train``    non-finite steps out of the reported loss    utils/train/loss_tally.py
     ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
-    ``evaluation_loop``             streaming accuracy, perplexity               utils/model/metrics.py
+    ``evaluation_loop``             streaming accuracy, perplexity; the eval     utils/model/metrics.py,
+                                    loss per token                               utils/model/eval_loss.py
     ``get_train_dataloader``,       loader workers out of the process group      utils/train/stops.py
     ``get_eval_dataloader``
     ``_get_output_dir``,            complete-or-absent checkpoints               utils/train/checkpointing.py
@@ -59,10 +62,12 @@ class LMTrainer(Trainer):
     Accuracy is counted batch by batch (``batch_eval_metrics``) from argmax predictions, so no
     logits are collected and evaluation memory does not grow with the evaluation set.
     ``run``: the claimed --output_dir (utils/runs/folder.py), whose id every checkpoint carries.
+    ``eval_loss_per_token``: the eval loss weighs every predicted token the same (--packing document,
+    whose samples hold different numbers of them), instead of the Trainer's mean over samples.
     """
 
     def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None,
-                 run: RunFolder | None = None, **kwargs):
+                 run: RunFolder | None = None, eval_loss_per_token: bool = False, **kwargs):
         training_args = kwargs["args"]
         training_args.batch_eval_metrics = True
         set_find_unused_parameters(training_args, kwargs.get("model"), kwargs.get("data_collator"),
@@ -82,6 +87,7 @@ class LMTrainer(Trainer):
         self.checkpoint_staging: str | None = None  # set while a checkpoint is written (utils/train/checkpointing.py)
         config = self.args.amp_config  # None: plain fp32, the Trainer's own precision handling
         self.precision = MixedPrecision(self, config) if config is not None else None
+        self.eval_loss = TokenWeightedLoss(shift=accuracy.shift) if eval_loss_per_token else None
         if self.args.loss_chunk_size:
             check_chunked_loss(self.args, self.model)
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
@@ -148,11 +154,16 @@ class LMTrainer(Trainer):
 
     # ---------------------------------------------------------------- loss, logs, evaluation
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        if not isinstance(self.compute_loss_func, ChunkedLoss):
-            return super().compute_loss(model, inputs, *args, **kwargs)
-        with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
-            return super().compute_loss(model, inputs, *args, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(self.compute_loss_func, ChunkedLoss):
+            with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.eval_loss is None or model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]  # before label smoothing takes them out of the batch
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        self.eval_loss.observe(outputs["logits"], labels, self.accelerator.gather_for_metrics)
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         return self.loss_tally.observe(super().training_step(model, inputs, num_items_in_batch))
@@ -173,7 +184,11 @@ class LMTrainer(Trainer):
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         self.accuracy.reset()  # an interrupted earlier evaluation must not leak its counts
+        if self.eval_loss is not None:
+            self.eval_loss.reset()
         output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.eval_loss is not None and self.eval_loss.tokens:
+            output.metrics[f"{metric_key_prefix}_loss"] = self.eval_loss.result()
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
