@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from transformers import Trainer
@@ -10,9 +11,12 @@ from utils.amp.config import precision_report
 from utils.amp.optimizer import implementation
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
-from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
+from utils.model.chunked_loss import ChunkedLoss, hidden_states_out, loss_chunk_size
+from utils.model.liger import check_liger
 from utils.model.loss import weigh_loss_by_num_items
+from utils.model.labelled_positions import LabelledPositions
 from utils.model.metrics import TokenAccuracy, perplexity
+from utils.model.vocab_padding import VocabPadding
 from utils.report.results import save_results
 from utils.report.run_info import ReportCallback, run_info
 from utils.report.speed import SpeedCallback
@@ -32,15 +36,18 @@ class LMTrainer(Trainer):
     ==============================  ===========================================  ==============================
     Trainer method                  what changes                                 answered by
     ==============================  ===========================================  ==============================
-    ``__init__``                    DDP's unused-parameter probe; the callbacks  utils/launch/ddp.py, below
+    ``__init__``                    DDP's unused-parameter probe; the callbacks; utils/launch/ddp.py, below,
+                                    --use_liger_kernel off where it does nothing utils/model/liger.py
     ``create_optimizer``            mixed precision wraps the optimizer          utils/train/precision.py
     ``accelerator.backward``        (replaced) the fp16 loss scale, our all-     utils/train/precision.py
                                     reduce of flat buffers under DDP
     ``autocast_smart_context_...``  the O-level's forward context                utils/train/precision.py
     ``_clip_grad_norm``,            unscaled master grads                        utils/train/precision.py
     ``_get_grad_norm``
-    ``_save``                       fp32 weights from the masters                utils/train/precision.py
-    ``compute_loss``                ``--loss_chunk_size``                        utils/model/chunked_loss.py
+    ``_save``                       fp32 weights from the masters; the true      utils/train/precision.py,
+                                    vocabulary of a padded one                   utils/model/vocab_padding.py
+    ``compute_loss``                the head at the labelled positions only;     utils/model/labelled_positions.py
+                                    ``--loss_chunk_size``                        utils/model/chunked_loss.py
     ``training_step``, ``train``    non-finite steps out of the reported loss    utils/train/loss_tally.py
     ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
     ``evaluation_loop``             streaming accuracy, perplexity               utils/model/metrics.py
@@ -65,6 +72,7 @@ class LMTrainer(Trainer):
                  run: RunFolder | None = None, **kwargs):
         training_args = kwargs["args"]
         training_args.batch_eval_metrics = True
+        check_liger(training_args, kwargs["model"])  # a warning and off where Liger has no kernels for the model
         set_find_unused_parameters(training_args, kwargs.get("model"), kwargs.get("data_collator"),
                                    kwargs.get("train_dataset"))  # before the Trainer sets up DDP
         if training_args.device.type == "cpu":
@@ -82,10 +90,14 @@ class LMTrainer(Trainer):
         self.checkpoint_staging: str | None = None  # set while a checkpoint is written (utils/train/checkpointing.py)
         config = self.args.amp_config  # None: plain fp32, the Trainer's own precision handling
         self.precision = MixedPrecision(self, config) if config is not None else None
+        # Masked LMs' and XLNet's head at the labelled positions only, unless --head_at_every_position.
+        self.labelled_positions = None if self.args.head_at_every_position else LabelledPositions.of(self.model)
+        # Resolved once, so that run_info.json and training_args.bin say what ran.
+        self.args.loss_chunk_size = loss_chunk_size(self.args, self.model, causal=accuracy.shift)
         if self.args.loss_chunk_size:
-            check_chunked_loss(self.args, self.model)
+            padding = VocabPadding.of(self.model)
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
-                                                 shift=accuracy.shift)
+                                                 shift=accuracy.shift, vocabulary=padding.true if padding else None)
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
             weigh_loss_by_num_items(self.model, shift=accuracy.shift)
         # tokens_per_sample: mean tokens in a training sample (the block size when packed), for tokens/s and MFU.
@@ -131,21 +143,38 @@ class LMTrainer(Trainer):
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.precision is None or state_dict is not None:
-            return super()._save(output_dir, state_dict)
-        super()._save(output_dir, self.precision.weights_to_save())
-        if self.args.should_save:
-            # save_pretrained wrote the model's own dtype (half under O2/O3) into config.json.
-            self.model.config.dtype = str(self.precision.weights_dtype).removeprefix("torch.")
-            self.model.config.save_pretrained(output_dir or self.args.output_dir)
+        padding = VocabPadding.of(self.model)  # saved at the true vocabulary (utils/model/vocab_padding.py)
+        own_weights = state_dict is None and self.precision is not None
+        if own_weights:
+            state_dict = self.precision.weights_to_save()
+        if padding is not None:
+            state_dict = padding.cut(self.model.state_dict() if state_dict is None else state_dict)
+        with padding.true_size(self.model.config) if padding is not None else contextlib.nullcontext():
+            super()._save(output_dir, state_dict)
+            if own_weights and self.args.should_save:
+                # save_pretrained wrote the model's own dtype (half under O2/O3) into config.json.
+                self.model.config.dtype = str(self.precision.weights_dtype).removeprefix("torch.")
+                self.model.config.save_pretrained(output_dir or self.args.output_dir)
 
     # ---------------------------------------------------------------- loss, logs, evaluation
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        if self.labelled_positions is None or "labels" not in inputs:
+            return self._model_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.labelled_positions.labelled_only(inputs) as labelled:
+            kept = labelled["labels"]  # the Trainer pops them for a compute_loss_func
+            loss, outputs = self._model_loss(model, labelled, True, num_items_in_batch)
+        if not return_outputs:
+            return loss
+        # Evaluation: argmax ids in the batch's shape, for the accuracy.
+        outputs.logits = self.labelled_positions.spread(outputs.logits, kept, inputs["labels"])
+        return loss, outputs
+
+    def _model_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
         if not isinstance(self.compute_loss_func, ChunkedLoss):
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         return self.loss_tally.observe(super().training_step(model, inputs, num_items_in_batch))
