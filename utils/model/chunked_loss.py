@@ -43,25 +43,32 @@ def _loss_and_gradients(hidden, weight, bias, targets, chunk: int, wants: tuple[
             scores[:, vocabulary:] = float("-inf")  # padding (utils/model/vocab_padding.py): no share of the softmax
         labels = targets[rows]
         scored = labels != IGNORE_INDEX
-        picked = labels.clamp_min(0).unsqueeze(1)
-        scores = torch.log_softmax(scores, dim=-1)  # one fused pass; the scores are not needed after it
-        total -= (scores.gather(1, picked).squeeze(1) * scored).sum()
+        picked = labels.clamp_min(0)
+        label_scores = scores.gather(1, picked.unsqueeze(1)).squeeze(1)
         if not training:
-            predictions[rows] = scores.argmax(-1)  # the argmax of the scores
+            predictions[rows] = scores.argmax(-1)
+        # In place, so that a chunk holds one [chunk, vocabulary] buffer: exp(scores - their maximum),
+        # the softmax times its row sum. The loss is log(sum) + maximum - the label's score.
+        top = scores.amax(-1, keepdim=True)
+        scores.sub_(top).exp_()
+        sums = scores.sum(-1)
+        total += ((sums.log() + top.squeeze(1) - label_scores) * scored).sum()
+        if not training:
             continue
-        # d(loss)/d(scores) = softmax - one-hot of the label. Rows with nothing to predict get none:
-        # they are masked in the [chunk, width] factors, not in the [chunk, vocabulary] scores
-        # (a pass over all of them, or an index of them and a device sync).
-        scores.exp_()
-        scores.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=scores.dtype))
-        grad_scores = scores.to(compute_dtype)
-        mask = scored.unsqueeze(1).to(compute_dtype)
+        # d(loss)/d(scores) = scores / sums - one-hot of the label. The 1 / sums, and the mask of the rows
+        # with nothing to predict, go into the [chunk, width] factors; the one-hot part is rows of the
+        # weight (or of the inputs) added at the labels: no further pass over the [chunk, vocabulary] buffer.
+        mask = scored.to(torch.float32).unsqueeze(1)
+        row_scale = mask / sums.unsqueeze(1)
+        exp_scores = scores.to(compute_dtype)
         if grads[0] is not None:
-            grads[0][rows] = (grad_scores @ weight) * mask
+            grads[0][rows] = (exp_scores @ weight).float() * row_scale - weight[picked].float() * mask
         if grads[1] is not None:
-            grads[1] += (grad_scores.T @ (inputs * mask)).float()
+            grads[1] += (exp_scores.T @ (inputs.float() * row_scale).to(compute_dtype)).float()
+            grads[1].index_add_(0, picked, inputs.float() * -mask)
         if grads[2] is not None:
-            grads[2] += scored.to(scores.dtype) @ scores
+            grads[2] += row_scale.squeeze(1) @ scores
+            grads[2].index_add_(0, picked, -mask.squeeze(1))
     return total, predictions, grads
 
 
