@@ -117,8 +117,10 @@ def test_run_mlm_gives_the_same_results_with_the_head_at_every_position(text_fil
     results = {}
     for flags in ([], ["--head_at_every_position"]):
         out = tmp_path / str(len(flags))
-        run_script("mlm", *TINY["mlm"], *QUICK, "--train_file", text_files["train"], "--validation_file",
-                   text_files["valid"], "--do_train", "--do_eval", "--output_dir", out, *flags)
+        process = run_script("mlm", *TINY["mlm"], *QUICK, "--train_file", text_files["train"], "--validation_file",
+                             text_files["valid"], "--do_train", "--do_eval", "--output_dir", out, *flags)
+        said = "Loss: the model's head" if flags else "Loss: the head at the labelled positions only"
+        assert said in process.stdout + process.stderr  # the log says which head ran
         results[len(flags)] = read_json(out / "train_results.json")["train_loss"], read_json(out / "eval_results.json")
     (train_loss, evaluation), (every_train_loss, every_evaluation) = results[0], results[1]
     assert train_loss == pytest.approx(every_train_loss, rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 from transformers import Trainer
@@ -26,6 +27,8 @@ from utils.train.loss_tally import STATE_KEY, LossTally
 from utils.train.precision import MixedPrecision, fit_npu_fused_optimizer
 from utils.train.sharding import setup_sharding
 from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_in_own_group
+
+logger = logging.getLogger(__name__)
 
 
 class LMTrainer(Trainer):
@@ -92,12 +95,13 @@ class LMTrainer(Trainer):
         self.precision = MixedPrecision(self, config) if config is not None else None
         # Masked LMs' and XLNet's head at the labelled positions only, unless --head_at_every_position.
         self.labelled_positions = None if self.args.head_at_every_position else LabelledPositions.of(self.model)
-        # Resolved once, so that run_info.json and training_args.bin say what ran.
+        # Resolved once, so that training_args.bin says what ran.
         self.args.loss_chunk_size = loss_chunk_size(self.args, self.model, causal=accuracy.shift)
         if self.args.loss_chunk_size:
             padding = VocabPadding.of(self.model)
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
                                                  shift=accuracy.shift, vocabulary=padding.true if padding else None)
+        logger.info("Loss: %s", self.describe_loss())
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
             weigh_loss_by_num_items(self.model, shift=accuracy.shift)
         # tokens_per_sample: mean tokens in a training sample (the block size when packed), for tokens/s and MFU.
@@ -108,6 +112,14 @@ class LMTrainer(Trainer):
                          NonFiniteLossCallback(self.loss_tally, self.args.on_nonfinite_loss, scaler_skips=scaler_skips)):
             self.add_callback(callback)
         setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds
+
+    def describe_loss(self) -> str:
+        """Where the output head runs and how the loss is computed, in words, for the log."""
+        head = ("the head at the labelled positions only (--head_at_every_position: everywhere)"
+                if self.labelled_positions is not None else "the model's head")
+        chunk = self.args.loss_chunk_size
+        return f"{head}, " + (f"the output layer and cross-entropy {chunk} tokens at a time (--loss_chunk_size)"
+                              if chunk else "the model's own cross-entropy")
 
     def describe_run(self) -> dict:
         """run_info.json: the setup as this trainer runs it (utils/report/run_info.py)."""
