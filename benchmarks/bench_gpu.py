@@ -6,21 +6,25 @@
 Correctness: GPT-2 124M (12 x 768, block 1024, vocabulary 50,257) from scratch, dropout 0, the
 same fixed WikiText-2 blocks in the same order, 30 steps at batch 8; the loss and grad norm of
 every step for O0 (fp32, TF32 off), bf16 O1, bf16 O2 + combine_grad, fp16 O1, fp16 O2 +
-combine_grad (dynamic loss scale), and bf16 O2 + combine_grad with --loss_chunk_size and with
---torch_compile; the ratios to O0 at the last step.
+combine_grad (dynamic loss scale), and bf16 O2 + combine_grad with --loss_chunk_size, with
+--torch_compile and with --pad_vocab_to_multiple_of 64 (50,304 rows; the padded entries' scores
+are -inf, so the loss is the true vocabulary's); the ratios to O0 at the last step.
 
 Speed, side by side in this one process: the stock pipeline (transformers' Trainer, its bf16
 autocast, SDPA attention) against ours (LMTrainer, bf16 O2 + combine_grad, with and without
---torch_compile) on the same blocks at batch 8 and 16 x 1024: tokens/s after the warm-up steps
+--torch_compile, with --pad_vocab_to_multiple_of 64, with --loss_chunk_size 1024, the CPU's
+default for causal LMs) on the same blocks at batch 8 and 16 x 1024: tokens/s after the warm-up steps
 and MFU, both from the suite's one clock (utils/report/speed.py, which also holds the table of
 device peaks: an unknown device gives MFU null), and peak CUDA memory. Real apex at O2 with
-combine_grad too, when it imports.
+combine_grad too, when it imports; and the stock pipeline with --use_liger_kernel when
+liger-kernel imports (Liger has no kernels for GPT-2: the same speed as stock is expected, and the
+JSON line says whether its table has gpt2, and what our run says about the flag).
 
 Budget (H100/H200, estimated, not yet measured): a 124M step at 8 x 1024 takes ~0.1 s in bf16 and
-~0.3 s in fp32 without TF32, so the 7 correctness runs of 30 steps are ~40 s of steps; each
+~0.3 s in fp32 without TF32, so the 8 correctness runs of 30 steps are ~45 s of steps; each
 run also builds a model (~3 s) and the two compiled runs (one per batch shape) compile for
-~60 s each. The 6 speed runs of WARMUP + TIMED = 25 steps at batch 8/16 are ~25 s of steps,
-plus 2 more compilations. About 5 minutes in all; a case that would start after BUDGET_S is
+~60 s each. The 10 speed runs of WARMUP + TIMED = 25 steps at batch 8/16 are ~40 s of steps
+(12 with apex and liger), plus 2 more compilations. About 5.5 minutes in all; a case that would start after BUDGET_S is
 skipped (and says so) rather than overrunning.
 """
 
@@ -61,13 +65,17 @@ CORRECTNESS = {  # row: LMTrainingArguments flags
                                                    loss_scale="dynamic"),
     "bf16 O2 + combine_grad + --loss_chunk_size 1024": dict(**BF16_O2_COMBINE, loss_chunk_size=1024),
     "bf16 O2 + combine_grad + --torch_compile": dict(**BF16_O2_COMBINE, torch_compile=True),
+    "bf16 O2 + combine_grad + --pad_vocab_to_multiple_of 64": dict(**BF16_O2_COMBINE, pad_vocab_to_multiple_of=64),
 }
 SPEED = {  # pipeline: LMTrainingArguments flags of ours (None: the stock Trainer)
     "stock (Trainer, bf16 autocast, SDPA)": None,
     "ours bf16 O2 + combine_grad": BF16_O2_COMBINE,
     "ours bf16 O2 + combine_grad + --torch_compile": dict(**BF16_O2_COMBINE, torch_compile=True),
+    "ours bf16 O2 + combine_grad + --pad_vocab_to_multiple_of 64": dict(**BF16_O2_COMBINE, pad_vocab_to_multiple_of=64),
+    "ours bf16 O2 + combine_grad + --loss_chunk_size 1024": dict(**BF16_O2_COMBINE, loss_chunk_size=1024),
 }
 APEX = "apex O2 + combine_grad"
+LIGER = "stock + --use_liger_kernel"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,13 +123,19 @@ def our_trainer(args, size: dict, blocks, batch: int, steps: int, warmup: int, f
     from utils.model.metrics import TokenAccuracy
     from utils.train.trainer import LMTrainer
 
+    from utils.model.vocab_padding import pad_vocabulary
+
+    flags = dict(flags)
+    model = fresh_model(size)
+    if flags.get("pad_vocab_to_multiple_of"):  # a model flag: load_model pads the model as this does
+        pad_vocabulary(model, flags.pop("pad_vocab_to_multiple_of"))
     training_args = LMTrainingArguments(**common_flags(args, size, batch, steps, warmup), **flags)
-    return LMTrainer(model=fresh_model(size), args=training_args, train_dataset=[{"input_ids": b} for b in blocks],
+    return LMTrainer(model=model, args=training_args, train_dataset=[{"input_ids": b} for b in blocks],
                      data_collator=CausalLMCollator(), accuracy=TokenAccuracy(shift=True),
                      tokens_per_sample=size["block"])
 
 
-def stock_trainer(args, size: dict, blocks, batch: int, steps: int, warmup: int):
+def stock_trainer(args, size: dict, blocks, batch: int, steps: int, warmup: int, use_liger_kernel: bool = False):
     """transformers' Trainer as its run_clm.py example uses it, bf16 autocast, with the suite's clock added."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -130,7 +144,7 @@ def stock_trainer(args, size: dict, blocks, batch: int, steps: int, warmup: int)
 
     flags = common_flags(args, size, batch, steps, warmup)
     clock = SpeedCallback(flags.pop("fps_warmup_steps"), size["block"], device_name(device_type(args)))
-    training_args = TrainingArguments(**flags, bf16=True)
+    training_args = TrainingArguments(**flags, bf16=True, use_liger_kernel=use_liger_kernel)
     trainer = Trainer(model=fresh_model(size), args=training_args, data_collator=default_data_collator,
                       train_dataset=[{"input_ids": b, "labels": b} for b in blocks], callbacks=[clock])
     trainer.speed = clock
@@ -190,8 +204,11 @@ def correctness(args, size: dict, blocks, started: float) -> dict:
 def speed_case(args, size: dict, blocks, batch: int, flags: dict | None) -> dict:
     release(args)
     steps = size["warmup"] + size["timed"]
-    trainer = stock_trainer(args, size, blocks, batch, steps, size["warmup"]) if flags is None else \
-        our_trainer(args, size, blocks, batch, steps, size["warmup"], flags)
+    if flags is None or flags.get("stock"):
+        trainer = stock_trainer(args, size, blocks, batch, steps, size["warmup"],
+                                use_liger_kernel=bool(flags and flags.get("use_liger_kernel")))
+    else:
+        trainer = our_trainer(args, size, blocks, batch, steps, size["warmup"], flags)
     quiet(trainer).train()
     metrics = trainer.speed.metrics(trainer.args, trainer.model)
     result = {"tokens_per_s": metrics.get("fps_tokens_per_second"), "mfu": metrics.get("mfu"),
@@ -204,6 +221,8 @@ def speed(args, size: dict, blocks, started: float) -> list[dict]:
     cases = dict(SPEED)
     if apex_importable():
         cases[APEX] = {**BF16_O2_COMBINE, "amp_backend": "apex"}
+    if liger_report()["importable"]:
+        cases[LIGER] = {"stock": True, "use_liger_kernel": True}
     rows = []
     for batch in size["speed_batches"]:
         for label, flags in cases.items():
@@ -224,6 +243,22 @@ def apex_importable() -> bool:
     return True
 
 
+def liger_report() -> dict:
+    """Whether liger-kernel imports, whether its table has GPT-2, and what our run does with --use_liger_kernel."""
+    from types import SimpleNamespace
+
+    from utils.errors import UsageError
+    from utils.model.liger import check_liger, liger_model_types
+
+    args = SimpleNamespace(use_liger_kernel=True)
+    try:
+        has_gpt2 = "gpt2" in liger_model_types()
+    except UsageError as err:
+        return {"importable": False, "ours": str(err)}
+    check_liger(args, SimpleNamespace(config=SimpleNamespace(model_type="gpt2")))
+    return {"importable": True, "gpt2_in_table": has_gpt2, "ours_keeps_the_flag": args.use_liger_kernel}
+
+
 def _number(value, digits: int = 4) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
 
@@ -236,7 +271,8 @@ def print_tables(result: dict) -> None:
             _number(row["loss"][0]), _number(row["loss"][-1]), _number(row["loss_ratio_to_o0"]),
             _number(row["grad_norm"][-1]), _number(row["grad_norm_ratio_to_o0"])])]
         for label, row in result["correctness"].items()])
-    stock = {row["batch"]: row.get("tokens_per_s") for row in result["speed"] if row["pipeline"].startswith("stock")}
+    stock_label = next(label for label, flags in SPEED.items() if flags is None)
+    stock = {row["batch"]: row.get("tokens_per_s") for row in result["speed"] if row["pipeline"] == stock_label}
     print(f"\nspeed after {result['warmup']} warm-up steps, {result['timed']} timed; peak {result['peak_flops']}\n")
     print_table(["pipeline", "batch", "tokens/s", "vs stock", "MFU", "peak memory MB"], [
         [row["pipeline"], f"{row['batch']} x {result['block']}", _number(row.get("tokens_per_s"), 0),
@@ -264,7 +300,7 @@ def main(argv=None) -> None:
               "peak_flops": peak_flops(device_name(device_type(args))), "torch": torch.__version__,
               "model": f"{size['config']['n_layer']} x {size['config']['n_embd']}", "block": size["block"],
               "batch": size["batch"], "steps": size["steps"], "warmup": size["warmup"], "timed": size["timed"],
-              "apex": apex_importable(),
+              "apex": apex_importable(), "liger": liger_report(),
               "peak_memory": "process peak RSS so far (CPU)" if args.dry_run else "torch.cuda.max_memory_allocated"}
     result["correctness"] = correctness(args, size, blocks, started)
     result["tf32_matmul"] = tf32_matmul(device_type(args))

@@ -21,8 +21,11 @@ CASES = {
     "bench_amp_step.py": (["--device", "cpu", "--sizes", "tiny", "--steps", "2"],
                           ["device", "size", "level", "combine_grad", "median ms/step", "aten ops/step"], 4),
     "bench_vs_stock.py train": (["--steps", "2", "--warmup", "1", "--rounds", "1", "--eval_blocks", "4",
-                                 "--cases", "stock,ours,ours: --loss_chunk_size 1024"],
-                                ["case", "train tokens/s", "vs stock", "eval tokens/s", "eval loss", "peak RSS MB"], 3),
+                                 "--objective", "mlm"],
+                                ["case", "train tokens/s", "vs stock", "eval tokens/s", "eval loss", "peak RSS MB"], 4),
+    "bench_vs_stock.py objectives": (["--steps", "2", "--warmup", "1", "--rounds", "1", "--eval_blocks", "4"],
+                                     ["script", "stock samples/s", "ours samples/s", "vs stock", "RSS vs stock",
+                                      "loss vs stock", "stock MFU", "ours MFU"], 3),
     "bench_vs_stock.py preprocess": (["--repeats", "1", "--lines", "150", "--block_size", "128", "--rounds", "1"],
                                      ["pipeline", "process s", "speed vs stock", "peak RSS MB"], 2),
 }
@@ -53,14 +56,17 @@ def test_bench_gpu_dry_run_prints_tokens_per_second_loss_ratios_and_peak_memory(
     result = json.loads(process.stdout.strip().splitlines()[-1])
     assert result["dry_run"] and result["tf32_matmul"] is False
     correctness = result["correctness"]
-    assert len(correctness) == 7 and correctness["O0 (fp32, TF32 off)"]["loss_ratio_to_o0"] == 1.0
+    assert len(correctness) == 8 and correctness["O0 (fp32, TF32 off)"]["loss_ratio_to_o0"] == 1.0
     for label, row in correctness.items():
         assert len(row["loss"]) == len(row["grad_norm"]) == result["steps"], label
         # Tiny model, 4 steps: every precision stays within 1% of fp32 (measured: 2e-5 at most).
         assert abs(row["loss_ratio_to_o0"] - 1) < 1e-2 and abs(row["grad_norm_ratio_to_o0"] - 1) < 1e-2, label
     pipelines = {(row["pipeline"].split()[0], row["batch"]) for row in result["speed"]}
     assert pipelines == {(side, batch) for side in ("stock", "ours") for batch in (2, 4)}
+    assert {"ours bf16 O2 + combine_grad + --pad_vocab_to_multiple_of 64",
+            "ours bf16 O2 + combine_grad + --loss_chunk_size 1024"} <= {row["pipeline"] for row in result["speed"]}
+    assert result["liger"]["importable"] is False and "--use_liger_kernel" in result["liger"]["ours"]  # none here
     for row in result["speed"]:
         assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["mfu"] is None, row  # CPU: no peak
     tables = [line for line in process.stdout.splitlines() if line.startswith("| ")]
-    assert len(tables) == 2 + 7 + 2 + 6
+    assert len(tables) == 2 + 8 + 2 + 10

@@ -107,3 +107,16 @@ def test_bad_chunk_settings_are_refused_with_one_line(flags, message, text_files
     assert process.stderr.strip().splitlines() == [process.stderr.strip()]
     assert message in process.stderr and "Traceback" not in process.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_chunked_loss_is_the_default_for_causal_lms_on_the_cpu_where_it_serves(tmp_path):
+    def chunk_of(task, **flags):
+        trainer = family_trainer(task, tmp_path / task, **flags)
+        chunked = isinstance(trainer.compute_loss_func, ChunkedLoss)
+        assert chunked == bool(trainer.args.loss_chunk_size)  # the resolved size is what run_info.json records
+        return trainer.args.loss_chunk_size
+
+    assert chunk_of("clm") == 1024
+    assert chunk_of("clm", loss_chunk_size=0) == 0  # off when asked
+    assert chunk_of("clm", label_smoothing_factor=0.1) == 0  # a loss it does not compute: the model's own
+    assert chunk_of("mlm") == chunk_of("plm") == 0  # their heads run at the labelled positions instead

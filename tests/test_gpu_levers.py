@@ -1,9 +1,12 @@
-"""The GPU levers that can be checked on the CPU: torch.compile under the O-levels, and the attention kernel.
+"""The GPU levers that can be checked on the CPU: torch.compile under the O-levels, the attention kernel, Liger.
 
 ``--torch_compile`` must not change what the mixed-precision hooks compute: the compiled model's
 losses equal eager's over the same steps. The attention kernel is SDPA unless the user picks
-another, and the log says which one runs.
+another, and the log says which one runs. ``--use_liger_kernel`` is refused in one line without
+liger-kernel, and turned off with one warning for a model Liger has no kernels for.
 """
+
+import logging
 
 import pytest
 
@@ -40,3 +43,42 @@ def test_an_attention_kernel_the_model_lacks_is_one_error_line(text_files, tmp_p
     assert process.returncode == 2
     assert process.stderr.strip().splitlines()[-1].startswith("error: --attn_implementation sdpa: XLNetLMHeadModel")
     assert "Traceback" not in process.stderr
+
+
+def test_use_liger_kernel_without_liger_kernel_is_one_error_line(text_files, tmp_path):
+    process = run_script("clm", *TINY["clm"], "--train_file", text_files["train"], "--do_train", *QUICK,
+                         "--output_dir", tmp_path / "out", "--use_liger_kernel", check=False)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines()[-1].startswith(
+        "error: --use_liger_kernel: liger-kernel cannot be imported")
+    assert "Traceback" not in process.stderr
+
+
+@pytest.fixture
+def liger_table(monkeypatch):
+    """Liger's table of model types as liger_kernel.transformers.monkey_patch holds it (the package needs Triton)."""
+    import sys
+    import types
+
+    table = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    table.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": print, "qwen2": print}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", table)
+
+
+def test_use_liger_kernel_for_a_model_liger_has_no_kernels_for_warns_once_and_is_turned_off(liger_table, caplog):
+    from types import SimpleNamespace
+
+    from utils.model.liger import check_liger
+
+    for model_type, kept in (("gpt2", False), ("llama", True)):
+        args = SimpleNamespace(use_liger_kernel=True)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="utils.model.liger"):
+            check_liger(args, SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
+        assert args.use_liger_kernel is kept
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warnings == ([] if kept else [
+            "--use_liger_kernel does nothing for gpt2: Liger has kernels for llama, qwen2 only; turned off "
+            "(--loss_chunk_size computes the output layer and the loss in chunks for any model)"])

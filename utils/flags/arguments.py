@@ -86,6 +86,18 @@ class ModelArguments:
             "choices": ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"],
         },
     )
+    pad_vocab_to_multiple_of: int = field(
+        default=0,
+        metadata={"help": "Pad the vocabulary matrices to a multiple of this many rows (e.g. 64: GPT-2's 50257 "
+                          "becomes 50304) for faster GPU matrix products. The padded entries never count (their "
+                          "scores are -inf), and saved models and checkpoints keep the true vocabulary, so stock "
+                          "code loads them. 0 (default): off; on a CPU it only adds work."},
+    )
+
+    def __post_init__(self):
+        if self.pad_vocab_to_multiple_of < 0:
+            raise UsageError(f"--pad_vocab_to_multiple_of {self.pad_vocab_to_multiple_of}: give a positive number of "
+                             "rows (e.g. 64), or 0 for no padding")
 
 
 @dataclass
@@ -232,11 +244,19 @@ class LMTrainingArguments(TrainingArguments):
                           "or --bf16.",
                   "group": PRECISION},
     )
-    loss_chunk_size: int = field(
-        default=0,
+    loss_chunk_size: int | None = field(
+        default=None,
         metadata={"help": "Compute the output layer and the loss this many tokens at a time (e.g. 1024), so that "
                           "the [tokens, vocabulary] logits and their gradient are never held whole: much less memory "
-                          "for large vocabularies, the same loss up to float rounding. 0: off.",
+                          "for large vocabularies, the same loss up to float rounding. 0: off. Default: 1024 for "
+                          "causal LMs (run_clm.py) trained on the CPU, where it is faster, else off.",
+                  "group": PRECISION},
+    )
+    head_at_every_position: bool = field(
+        default=False,
+        metadata={"help": "Compute the output head at every position, as transformers' models do, instead of only "
+                          "at the positions that have a label: the masked ones of BERT, RoBERTa, DistilBERT and "
+                          "ALBERT (run_mlm.py), XLNet's targets (run_plm.py). The same loss, slower.",
                   "group": PRECISION},
     )
     amp_backend: str = field(

@@ -98,6 +98,8 @@ def precision_config(args) -> AmpConfig | None:
 
 def check_chunk_flags(args) -> None:
     """``--loss_chunk_size`` values and flag combinations it cannot serve (the model's side: utils/model/chunked_loss.py)."""
+    if args.loss_chunk_size is None:  # the default: on only where it serves (utils/model/chunked_loss.py)
+        return
     flag = f"--loss_chunk_size {args.loss_chunk_size}"
     if args.loss_chunk_size < 0:
         raise UsageError(f"{flag}: give a number of tokens (0 turns the chunked loss off)")

@@ -21,9 +21,11 @@ from utils.errors import UsageError
 from utils.model.metrics import IGNORE_INDEX
 
 
-def _loss_and_gradients(hidden, weight, bias, targets, chunk: int, wants: tuple[bool, bool, bool]):
+def _loss_and_gradients(hidden, weight, bias, targets, chunk: int, wants: tuple[bool, bool, bool],
+                        vocabulary: int | None = None):
     """Summed cross-entropy and the gradients of the sum asked for by ``wants`` (else None); the argmax
-    ids when no gradient is asked for (evaluation), else None: a pass over the scores training does not need."""
+    ids when no gradient is asked for (evaluation), else None: a pass over the scores training does not need.
+    ``vocabulary``: the true entries of a padded output layer; the scores of the others are -inf."""
     # The hidden states' gradient is written chunk by chunk, row for row; the others are sums over chunks.
     grads = [None if t is None or not want else
              torch.empty(t.shape, dtype=torch.float32, device=t.device) if t is hidden else
@@ -37,27 +39,36 @@ def _loss_and_gradients(hidden, weight, bias, targets, chunk: int, wants: tuple[
         rows = slice(start, start + chunk)
         inputs = hidden[rows].to(compute_dtype)
         scores = torch.nn.functional.linear(inputs, weight, bias).float()
+        if vocabulary is not None:
+            scores[:, vocabulary:] = float("-inf")  # padding (utils/model/vocab_padding.py): no share of the softmax
         labels = targets[rows]
         scored = labels != IGNORE_INDEX
-        picked = labels.clamp_min(0).unsqueeze(1)
-        scores = torch.log_softmax(scores, dim=-1)  # one fused pass; the scores are not needed after it
-        total -= (scores.gather(1, picked).squeeze(1) * scored).sum()
+        picked = labels.clamp_min(0)
+        label_scores = scores.gather(1, picked.unsqueeze(1)).squeeze(1)
         if not training:
-            predictions[rows] = scores.argmax(-1)  # the argmax of the scores
+            predictions[rows] = scores.argmax(-1)
+        # In place, so that a chunk holds one [chunk, vocabulary] buffer: exp(scores - their maximum),
+        # the softmax times its row sum. The loss is log(sum) + maximum - the label's score.
+        top = scores.amax(-1, keepdim=True)
+        scores.sub_(top).exp_()
+        sums = scores.sum(-1)
+        total += ((sums.log() + top.squeeze(1) - label_scores) * scored).sum()
+        if not training:
             continue
-        # d(loss)/d(scores) = softmax - one-hot of the label. Rows with nothing to predict get none:
-        # they are masked in the [chunk, width] factors, not in the [chunk, vocabulary] scores
-        # (a pass over all of them, or an index of them and a device sync).
-        scores.exp_()
-        scores.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=scores.dtype))
-        grad_scores = scores.to(compute_dtype)
-        mask = scored.unsqueeze(1).to(compute_dtype)
+        # d(loss)/d(scores) = scores / sums - one-hot of the label. The 1 / sums, and the mask of the rows
+        # with nothing to predict, go into the [chunk, width] factors; the one-hot part is rows of the
+        # weight (or of the inputs) added at the labels: no further pass over the [chunk, vocabulary] buffer.
+        mask = scored.to(torch.float32).unsqueeze(1)
+        row_scale = mask / sums.unsqueeze(1)
+        exp_scores = scores.to(compute_dtype)
         if grads[0] is not None:
-            grads[0][rows] = (grad_scores @ weight) * mask
+            grads[0][rows] = (exp_scores @ weight).float() * row_scale - weight[picked].float() * mask
         if grads[1] is not None:
-            grads[1] += (grad_scores.T @ (inputs * mask)).float()
+            grads[1] += (exp_scores.T @ (inputs.float() * row_scale).to(compute_dtype)).float()
+            grads[1].index_add_(0, picked, inputs.float() * -mask)
         if grads[2] is not None:
-            grads[2] += scored.to(scores.dtype) @ scores
+            grads[2] += row_scale.squeeze(1) @ scores
+            grads[2].index_add_(0, picked, -mask.squeeze(1))
     return total, predictions, grads
 
 
@@ -69,8 +80,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
-        total, _, grads = _loss_and_gradients(hidden, weight, bias, targets, chunk, tuple(ctx.needs_input_grad[:3]))
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, vocabulary: int | None):
+        total, _, grads = _loss_and_gradients(hidden, weight, bias, targets, chunk, tuple(ctx.needs_input_grad[:3]),
+                                              vocabulary)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
         ctx.has = [g is not None for g in grads]
         ctx.dtypes = [t.dtype if t is not None else None for t in (hidden, weight, bias)]
@@ -80,21 +92,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grads = [(g * grad_total).to(dtype) if has else None
                  for g, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes)]
-        return *grads, None, None
+        return *grads, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         targets: torch.Tensor, chunk: int,
+                         vocabulary: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(summed loss, argmax ids)`` of the scores ``hidden @ weight.T + bias``, ``chunk`` rows at a time.
 
     ``hidden`` is ``[..., width]`` and ``targets`` the matching ``[...]`` ids, IGNORE_INDEX where
     nothing is predicted. Under ``torch.no_grad()`` (evaluation) the argmax ids come too, in the
-    shape of ``targets``; with gradients (training) they are None.
+    shape of ``targets``; with gradients (training) they are None. ``vocabulary``: the true entries
+    of a padded output layer (the scores past them count as -inf).
     """
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if torch.is_grad_enabled():
-        return _LinearCrossEntropy.apply(flat_hidden, weight, bias, flat_targets, chunk), None
-    total, predictions, _ = _loss_and_gradients(flat_hidden, weight, bias, flat_targets, chunk, (False,) * 3)
+        return _LinearCrossEntropy.apply(flat_hidden, weight, bias, flat_targets, chunk, vocabulary), None
+    total, predictions, _ = _loss_and_gradients(flat_hidden, weight, bias, flat_targets, chunk, (False,) * 3,
+                                                vocabulary)
     return total, predictions.view(targets.shape)
 
 
@@ -115,26 +130,58 @@ class ChunkedLoss:
     (the labelled tokens of the whole accumulated batch) when the Trainer passes it, else the mean
     over this batch's labelled tokens; ``shift`` for causal LMs, whose position i predicts token
     i + 1. The outputs' logits are replaced by the argmax ids, all the accuracy needs.
+    ``vocabulary``: the true entries of a padded output layer (utils/model/vocab_padding.py).
     """
 
-    def __init__(self, head: torch.nn.Module, chunk: int, shift: bool):
-        self.head, self.chunk, self.shift = head, chunk, shift
+    def __init__(self, head: torch.nn.Module, chunk: int, shift: bool, vocabulary: int | None = None):
+        self.head, self.chunk, self.shift, self.vocabulary = head, chunk, shift, vocabulary
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if self.shift else labels
         total, predictions = linear_cross_entropy(outputs.logits, self.head.weight, self.head.bias, targets,
-                                                  self.chunk)
+                                                  self.chunk, self.vocabulary)
         outputs.logits = predictions  # None in training, where the Trainer does not read them
         count = num_items_in_batch if num_items_in_batch is not None else targets.ne(IGNORE_INDEX).sum()
         return total / count
 
 
-def check_chunked_loss(args, model) -> None:
-    """Once the model and DDP's settings are known: refuse where the chunked loss would not be the model's loss."""
-    flag = f"--loss_chunk_size {args.loss_chunk_size}"
+# The chunk of the default: large enough to keep the matrix products efficient (at 256 tokens a
+# step of a tiny GPT-2 was 14 to 18% slower on the CPU), at most 1024 x vocabulary floats at a time.
+DEFAULT_CHUNK = 1024
+
+
+def loss_chunk_size(args, model, causal: bool, scores_needed: bool = False) -> int:
+    """The chunk this run uses: ``--loss_chunk_size`` when given (refused where it cannot serve the model),
+    else the default. ``scores_needed``: the evaluation sums its loss from the scores (packed documents).
+
+    By default a causal LM's loss is chunked when the run trains on the CPU: there it was faster
+    than the model's own loss and kept peak memory below the stock pipeline's (docs/benchmarks.md).
+    Elsewhere it stays off until measured (benchmarks/bench_gpu.py has both rows), and where it
+    cannot serve the run: --torch_compile, --label_smoothing_factor, --fsdp, an output layer that is
+    not a plain linear layer, DDP with find_unused_parameters.
+    """
+    if args.loss_chunk_size is not None:
+        if args.loss_chunk_size:
+            check_chunked_loss(args, model)
+        return args.loss_chunk_size
+    serves = (causal and not scores_needed and args.device.type == "cpu" and not args.torch_compile and not args.label_smoothing_factor
+              and not args.fsdp and _misfit(args, model) is None)
+    return DEFAULT_CHUNK if serves else 0
+
+
+def _misfit(args, model) -> str | None:
+    """Why the chunked loss would not be this model's loss in this run, or None."""
     if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
-        raise UsageError(f"{flag}: {type(model).__name__}'s output layer is not a plain linear layer; leave it at 0")
+        return f"{type(model).__name__}'s output layer is not a plain linear layer; leave it at 0"
     if args.world_size > 1 and args.ddp_find_unused_parameters:
         # DDP would count the output layer as unused (it is not reached from the model's outputs).
-        raise UsageError(f"{flag} does not work with DDP's find_unused_parameters, which this model needs "
-                         f"({type(model).__name__}): leave it at 0 for multi-process runs")
+        return (f"the chunked loss does not work with DDP's find_unused_parameters, which this model needs "
+                f"({type(model).__name__}): leave it at 0 for multi-process runs")
+    return None
+
+
+def check_chunked_loss(args, model) -> None:
+    """Once the model and DDP's settings are known: refuse where the chunked loss would not be the model's loss."""
+    reason = _misfit(args, model)
+    if reason is not None:
+        raise UsageError(f"--loss_chunk_size {args.loss_chunk_size}: {reason}")

@@ -34,7 +34,18 @@ class TokenWeightedLoss:
         sums = torch.stack([torch.nn.functional.cross_entropy(scores.float(), targets, ignore_index=IGNORE_INDEX,
                                                               reduction="sum")
                             for scores, targets in zip(logits, labels)])
-        counts = labels.ne(IGNORE_INDEX).sum(-1).to(sums.dtype)
+        self._add(sums, labels.ne(IGNORE_INDEX).sum(-1).to(sums.dtype), gather)
+
+    def observe_labelled(self, logits: torch.Tensor, labelled: torch.Tensor, labels: torch.Tensor, gather) -> None:
+        """One batch whose scores are at its labelled positions only (utils/model/labelled_positions.py):
+        ``logits`` for the ``labelled`` labels, which are the batch's ``labels`` other than IGNORE_INDEX, in order."""
+        kept = labelled != IGNORE_INDEX
+        losses = torch.nn.functional.cross_entropy(logits[kept].float(), labelled[kept], reduction="none")
+        samples = labels.ne(IGNORE_INDEX).nonzero()[:, 0]  # the sample of each labelled position, in the same order
+        sums = torch.zeros(labels.shape[0], dtype=losses.dtype, device=losses.device).index_add_(0, samples, losses)
+        self._add(sums, labels.ne(IGNORE_INDEX).sum(-1).to(sums.dtype), gather)
+
+    def _add(self, sums: torch.Tensor, counts: torch.Tensor, gather) -> None:
         totals = gather(torch.stack([sums, counts], dim=1)).double().sum(0).tolist()
         self.loss_sum += totals[0]
         self.tokens += round(totals[1])

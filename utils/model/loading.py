@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer, CONFIG_MAPPING
 
 from utils.errors import UsageError
+from utils.model.vocab_padding import pad_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,8 @@ def load_model(model_args, config, tokenizer, model_class):
     # A tokenizer with added tokens needs a larger embedding matrix.
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    if model_args.pad_vocab_to_multiple_of:
+        pad_vocabulary(model, model_args.pad_vocab_to_multiple_of)
     return model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 from transformers import Trainer
@@ -10,10 +12,13 @@ from utils.amp.config import precision_report
 from utils.amp.optimizer import implementation
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
-from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
+from utils.model.chunked_loss import ChunkedLoss, hidden_states_out, loss_chunk_size
 from utils.model.eval_loss import TokenWeightedLoss
+from utils.model.liger import check_liger
 from utils.model.loss import weigh_loss_by_num_items
+from utils.model.labelled_positions import LabelledPositions
 from utils.model.metrics import TokenAccuracy, perplexity
+from utils.model.vocab_padding import VocabPadding
 from utils.report.results import save_results
 from utils.report.run_info import ReportCallback, run_info
 from utils.report.speed import SpeedCallback
@@ -24,6 +29,8 @@ from utils.train.precision import MixedPrecision, fit_npu_fused_optimizer
 from utils.train.sharding import setup_sharding
 from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_ignore_stops
 
+logger = logging.getLogger(__name__)
+
 
 class LMTrainer(Trainer):
     """transformers' Trainer with the suite's mixed precision, checkpoints, stops, speed and metrics.
@@ -33,15 +40,18 @@ class LMTrainer(Trainer):
     ==============================  ===========================================  ==============================
     Trainer method                  what changes                                 answered by
     ==============================  ===========================================  ==============================
-    ``__init__``                    DDP's unused-parameter probe; the callbacks  utils/launch/ddp.py, below
+    ``__init__``                    DDP's unused-parameter probe; the callbacks; utils/launch/ddp.py, below,
+                                    --use_liger_kernel off where it does nothing utils/model/liger.py
     ``create_optimizer``            mixed precision wraps the optimizer          utils/train/precision.py
     ``accelerator.backward``        (replaced) the fp16 loss scale, our all-     utils/train/precision.py
                                     reduce of flat buffers under DDP
     ``autocast_smart_context_...``  the O-level's forward context                utils/train/precision.py
     ``_clip_grad_norm``,            unscaled master grads                        utils/train/precision.py
     ``_get_grad_norm``
-    ``_save``                       fp32 weights from the masters                utils/train/precision.py
-    ``compute_loss``                ``--loss_chunk_size``;                       utils/model/chunked_loss.py,
+    ``_save``                       fp32 weights from the masters; the true      utils/train/precision.py,
+                                    vocabulary of a padded one                   utils/model/vocab_padding.py
+    ``compute_loss``                the head at the labelled positions only;     utils/model/labelled_positions.py
+                                    ``--loss_chunk_size``;                       utils/model/chunked_loss.py,
                                     the eval loss per token                      utils/model/eval_loss.py
     ``training_step``, ``train``    non-finite steps out of the reported loss    utils/train/loss_tally.py
     ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
@@ -70,6 +80,7 @@ class LMTrainer(Trainer):
                  run: RunFolder | None = None, eval_loss_per_token: bool = False, **kwargs):
         training_args = kwargs["args"]
         training_args.batch_eval_metrics = True
+        check_liger(training_args, kwargs["model"])  # a warning and off where Liger has no kernels for the model
         set_find_unused_parameters(training_args, kwargs.get("model"), kwargs.get("data_collator"),
                                    kwargs.get("train_dataset"))  # before the Trainer sets up DDP
         if training_args.device.type == "cpu":
@@ -88,10 +99,16 @@ class LMTrainer(Trainer):
         config = self.args.amp_config  # None: plain fp32, the Trainer's own precision handling
         self.precision = MixedPrecision(self, config) if config is not None else None
         self.eval_loss = TokenWeightedLoss(shift=accuracy.shift) if eval_loss_per_token else None
+        # Masked LMs' and XLNet's head at the labelled positions only, unless --head_at_every_position.
+        self.labelled_positions = None if self.args.head_at_every_position else LabelledPositions.of(self.model)
+        # Resolved once, so that training_args.bin says what ran; off by default where the eval loss needs the scores.
+        self.args.loss_chunk_size = loss_chunk_size(self.args, self.model, causal=accuracy.shift,
+                                                    scores_needed=eval_loss_per_token)
         if self.args.loss_chunk_size:
-            check_chunked_loss(self.args, self.model)
+            padding = VocabPadding.of(self.model)
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
-                                                 shift=accuracy.shift)
+                                                 shift=accuracy.shift, vocabulary=padding.true if padding else None)
+        logger.info("Loss: %s", self.describe_loss())
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
             weigh_loss_by_num_items(self.model, shift=accuracy.shift)
         # tokens_per_sample: mean tokens in a training sample (the block size when packed), for tokens/s and MFU.
@@ -105,6 +122,14 @@ class LMTrainer(Trainer):
         self.report = ReportCallback(self.describe_run, self.describe_start)
         self.callback_handler.callbacks.insert(0, self.report)
         setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds
+
+    def describe_loss(self) -> str:
+        """Where the output head runs and how the loss is computed, in words, for the log."""
+        head = ("the head at the labelled positions only (--head_at_every_position: everywhere)"
+                if self.labelled_positions is not None else "the model's head")
+        chunk = self.args.loss_chunk_size
+        return f"{head}, " + (f"the output layer and cross-entropy {chunk} tokens at a time (--loss_chunk_size)"
+                              if chunk else "the model's own cross-entropy")
 
     def describe_run(self) -> dict:
         """run_info.json: the setup as this trainer runs it (utils/report/run_info.py)."""
@@ -144,26 +169,46 @@ class LMTrainer(Trainer):
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.precision is None or state_dict is not None:
-            return super()._save(output_dir, state_dict)
-        super()._save(output_dir, self.precision.weights_to_save())
-        if self.args.should_save:
-            # save_pretrained wrote the model's own dtype (half under O2/O3) into config.json.
-            self.model.config.dtype = str(self.precision.weights_dtype).removeprefix("torch.")
-            self.model.config.save_pretrained(output_dir or self.args.output_dir)
+        padding = VocabPadding.of(self.model)  # saved at the true vocabulary (utils/model/vocab_padding.py)
+        own_weights = state_dict is None and self.precision is not None
+        if own_weights:
+            state_dict = self.precision.weights_to_save()
+        if padding is not None:
+            state_dict = padding.cut(self.model.state_dict() if state_dict is None else state_dict)
+        with padding.true_size(self.model.config) if padding is not None else contextlib.nullcontext():
+            super()._save(output_dir, state_dict)
+            if own_weights and self.args.should_save:
+                # save_pretrained wrote the model's own dtype (half under O2/O3) into config.json.
+                self.model.config.dtype = str(self.precision.weights_dtype).removeprefix("torch.")
+                self.model.config.save_pretrained(output_dir or self.args.output_dir)
 
     # ---------------------------------------------------------------- loss, logs, evaluation
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if isinstance(self.compute_loss_func, ChunkedLoss):
-            with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.eval_loss is None or model.training:
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        labels = inputs.get("labels")  # before label smoothing takes them out of the batch
+        summing = self.eval_loss is not None and not model.training and labels is not None
+        if self.labelled_positions is None or labels is None:
+            if not summing:
+                return self._model_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = self._model_loss(model, inputs, True, num_items_in_batch)
+            self.eval_loss.observe(outputs["logits"], labels, self.accelerator.gather_for_metrics)
+            return (loss, outputs) if return_outputs else loss
+        with self.labelled_positions.labelled_only(inputs) as labelled:
+            kept = labelled["labels"]  # the Trainer pops them for a compute_loss_func
+            loss, outputs = self._model_loss(model, labelled, True, num_items_in_batch)
+        if summing:
+            self.eval_loss.observe_labelled(outputs.logits, kept, labels, self.accelerator.gather_for_metrics)
+        if not return_outputs:
+            return loss
+        # Evaluation: argmax ids in the batch's shape, for the accuracy.
+        outputs.logits = self.labelled_positions.spread(outputs.logits, kept, labels)
+        return loss, outputs
+
+    def _model_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
+        if not isinstance(self.compute_loss_func, ChunkedLoss):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]  # before label smoothing takes them out of the batch
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        self.eval_loss.observe(outputs["logits"], labels, self.accelerator.gather_for_metrics)
-        return (loss, outputs) if return_outputs else loss
+        with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         return self.loss_tally.observe(super().training_step(model, inputs, num_items_in_batch))
