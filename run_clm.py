@@ -17,6 +17,7 @@ from utils.cli import run_cli
 from utils.data.collators import CausalLMCollator
 from utils.data.prepare import prepare_datasets
 from utils.data.raw import load_raw_datasets
+from utils.eval.causal import CausalEvaluation
 from utils.flags.arguments import parse_args
 from utils.launch.start import start_run
 from utils.model.loading import load_config, load_model, load_tokenizer, resolve_seq_len
@@ -33,9 +34,17 @@ class CausalLMArguments:
         default=None,
         metadata={"help": "Length of the training blocks the text is packed into (default: the model's maximum, at most 1024)."},
     )
+    eval_stride: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate with sliding windows of --block_size tokens that advance by this many tokens "
+                          "(below --block_size), each scored only on the tokens the one before did not score, so "
+                          "every token is predicted with at least block_size - stride tokens of context (the Hugging "
+                          "Face perplexity guide's method). Default: disjoint blocks, as in training."},
+    )
 
 
-def main():
+def main() -> dict:
+    """Train and/or evaluate as the flags say; returns the metrics written (as all_results.json holds them)."""
     model_args, data_args, clm_args, training_args = parse_args(CausalLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
     with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
@@ -48,11 +57,13 @@ def main():
 
         block_size = resolve_seq_len(clm_args.block_size, tokenizer, config, "--block_size", minimum=2,
                                      why="each token learns to predict the next one in its block")
+        # Evaluated on the token stream with the text each token covers: loss per byte and per word too.
+        evaluation = CausalEvaluation(block_size, clm_args.eval_stride)
         samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
-                                   cache_dir=model_args.cache_dir)
+                                   cache_dir=model_args.cache_dir, evaluation=evaluation)
 
-        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=CausalLMCollator(),
-                           accuracy=TokenAccuracy(shift=True), tokens_per_sample=float(block_size))
+        return train_and_evaluate(model, tokenizer, training_args, samples, run, collator=CausalLMCollator(),
+                                  accuracy=TokenAccuracy(shift=True), tokens_per_sample=float(block_size))
 
 
 if __name__ == "__main__":

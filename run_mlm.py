@@ -42,7 +42,8 @@ class MaskedLMArguments(SequenceArguments):
             raise UsageError(f"--mlm_probability {self.mlm_probability}: give a number between 0 and 1")
 
 
-def main():
+def main() -> dict:
+    """Train and/or evaluate as the flags say; returns the metrics written (as all_results.json holds them)."""
     model_args, data_args, mlm_args, training_args = parse_args(MaskedLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
     with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
@@ -66,8 +67,9 @@ def main():
             pad_to_multiple_of=8 if mlm_args.line_by_line and not mlm_args.pad_to_max_length else None,
         )
 
-        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator, accuracy=TokenAccuracy(),
-                           tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, mlm_args.line_by_line))
+        return train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator,
+                                  accuracy=TokenAccuracy(), tokens_per_sample=tokens_per_sample(
+                                      samples.get("train"), seq_len, mlm_args.line_by_line))
 
 
 if __name__ == "__main__":

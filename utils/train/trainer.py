@@ -8,6 +8,9 @@ from transformers import Trainer
 
 from utils.amp.config import precision_report
 from utils.amp.optimizer import implementation
+from utils.errors import UsageError
+from utils.eval.loss_sum import TokenLossSum
+from utils.eval.windows import ScoredWindows
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
 from utils.model.chunked_loss import ChunkedLoss, check_chunked_loss, hidden_states_out
@@ -40,10 +43,12 @@ class LMTrainer(Trainer):
     ``_clip_grad_norm``,            unscaled master grads                        utils/train/precision.py
     ``_get_grad_norm``
     ``_save``                       fp32 weights from the masters                utils/train/precision.py
-    ``compute_loss``                ``--loss_chunk_size``                        utils/model/chunked_loss.py
+    ``compute_loss``                ``--loss_chunk_size``;                       utils/model/chunked_loss.py,
+                                    the eval loss summed token by token          utils/eval/loss_sum.py
     ``training_step``, ``train``    non-finite steps out of the reported loss    utils/train/loss_tally.py
     ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
-    ``evaluation_loop``             streaming accuracy, perplexity               utils/model/metrics.py
+    ``evaluation_loop``             streaming accuracy, perplexity;              utils/model/metrics.py,
+                                    bits per byte, byte and word perplexity      utils/eval/windows.py
     ``get_train_dataloader``,       loader workers out of the process group      utils/train/stops.py
     ``get_eval_dataloader``
     ``_get_output_dir``,            complete-or-absent checkpoints               utils/train/checkpointing.py
@@ -59,6 +64,11 @@ class LMTrainer(Trainer):
     Accuracy is counted batch by batch (``batch_eval_metrics``) from argmax predictions, so no
     logits are collected and evaluation memory does not grow with the evaluation set.
     ``run``: the claimed --output_dir (utils/runs/folder.py), whose id every checkpoint carries.
+
+    An evaluation set of windows over a token stream (``ScoredWindows``, run_clm.py) knows the
+    text its scored tokens cover: the evaluation adds the loss per byte and per word. Windows
+    scored on different numbers of tokens (--eval_stride) get the mean loss over tokens
+    (utils/eval/loss_sum.py) instead of the Trainer's mean over samples.
     """
 
     def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None,
@@ -82,8 +92,13 @@ class LMTrainer(Trainer):
         self.checkpoint_staging: str | None = None  # set while a checkpoint is written (utils/train/checkpointing.py)
         config = self.args.amp_config  # None: plain fp32, the Trainer's own precision handling
         self.precision = MixedPrecision(self, config) if config is not None else None
+        self.loss_sum: TokenLossSum | None = None  # set while an evaluation sums its loss token by token
         if self.args.loss_chunk_size:
             check_chunked_loss(self.args, self.model)
+            if isinstance(self.eval_dataset, ScoredWindows) and not self.eval_dataset.uniform:
+                raise UsageError(f"--loss_chunk_size {self.args.loss_chunk_size} with --eval_stride: the sliding "
+                                 "windows' loss is summed per window from the scores, which the chunked loss does not "
+                                 "keep; leave --loss_chunk_size at 0")
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
                                                  shift=accuracy.shift)
         if self.model_accepts_loss_kwargs:  # the Trainer then leaves gradient accumulation to the model's loss
@@ -141,11 +156,16 @@ class LMTrainer(Trainer):
 
     # ---------------------------------------------------------------- loss, logs, evaluation
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        if not isinstance(self.compute_loss_func, ChunkedLoss):
-            return super().compute_loss(model, inputs, *args, **kwargs)
-        with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
-            return super().compute_loss(model, inputs, *args, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(self.compute_loss_func, ChunkedLoss):
+            with hidden_states_out(self.compute_loss_func.head):  # the model stops at its hidden states
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.loss_sum is None or model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]  # before label smoothing takes them out of the batch
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        self.loss_sum.observe(outputs["logits"], labels, self.accelerator.gather_for_metrics)
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         return self.loss_tally.observe(super().training_step(model, inputs, num_items_in_batch))
@@ -164,12 +184,23 @@ class LMTrainer(Trainer):
             self.loss_tally.fix_log(logs)
         super().log(logs, start_time)
 
-    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+    def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
         self.accuracy.reset()  # an interrupted earlier evaluation must not leak its counts
-        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        windows = getattr(dataloader, "dataset", None)
+        windows = windows if isinstance(windows, ScoredWindows) else None
+        self.loss_sum = TokenLossSum() if windows is not None and not windows.uniform else None
+        try:
+            output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+            if self.loss_sum is not None:
+                output.metrics[f"{metric_key_prefix}_loss"] = self.loss_sum.mean(windows.scored_tokens)
+        finally:
+            self.loss_sum = None
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+            if windows is not None:
+                output.metrics.update({f"{metric_key_prefix}_{name}": value
+                                       for name, value in windows.figures(loss).items()})
         return output
 
     # ---------------------------------------------------------------- loaders and checkpoints
