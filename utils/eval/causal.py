@@ -124,6 +124,4 @@ def stream_of(table: Dataset) -> TextStream:
     def column(name: str) -> np.ndarray | None:
         return table.data.column(name).to_numpy() if name in table.column_names else None
 
-    units = [column(name) for name in ("bytes", "words")]
-    return TextStream(column("input_ids"), np.flatnonzero(column("doc_start")),
-                      *(None if u is None else u.astype(np.int64) for u in units))
+    return TextStream(column("input_ids"), np.flatnonzero(column("doc_start")), column("bytes"), column("words"))

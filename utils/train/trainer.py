@@ -163,6 +163,7 @@ class LMTrainer(Trainer):
         if self.loss_sum is None or model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]  # before label smoothing takes them out of the batch
+        inputs = {k: v for k, v in inputs.items() if k != "skip_logits"}  # liger's: the sum needs the scores
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         self.loss_sum.observe(outputs["logits"], labels, self.accelerator.gather_for_metrics)
         return (loss, outputs) if return_outputs else loss
