@@ -18,6 +18,7 @@ from utils.data.collators import CausalLMCollator
 from utils.data.packing import DocumentPacker, PackedCausalLMCollator
 from utils.data.prepare import prepare_datasets, tokens_per_sample
 from utils.data.raw import load_raw_datasets
+from utils.eval.causal import causal_evaluation
 from utils.flags.arguments import parse_args
 from utils.flags.parser import DATA
 from utils.launch.start import start_run
@@ -38,9 +39,17 @@ class CausalLMArguments:
         default=None,
         metadata={"help": "Length of the training blocks the text is packed into (default: the model's maximum, at most 1024)."},
     )
+    eval_stride: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate with sliding windows of --block_size tokens that advance by this many tokens "
+                          "(below --block_size), each scored only on the tokens the one before did not score, so "
+                          "every token is predicted with at least block_size - stride tokens of context (the Hugging "
+                          "Face perplexity guide's method). Default: disjoint blocks, as in training."},
+    )
 
 
-def main():
+def main() -> dict:
+    """Train and/or evaluate as the flags say; returns the metrics written (as all_results.json holds them)."""
     model_args, data_args, clm_args, training_args = parse_args(CausalLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
     with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
@@ -56,14 +65,17 @@ def main():
         documents = None
         if data_args.packing == "document":  # whole documents in blocks, none attending to another
             documents = DocumentPacker(tokenizer, block_size, first_position=prepared_for_documents(model))
+        # The token stream with the text each token covers (loss per byte and per word too), or packed documents.
+        evaluation = causal_evaluation(block_size, clm_args.eval_stride, documents)
         samples = prepare_datasets(raw_datasets, tokenizer, data_args, training_args, seq_len=block_size,
-                                   documents=documents, cache_dir=model_args.cache_dir)
+                                   documents=documents, evaluation=evaluation, cache_dir=model_args.cache_dir)
 
         collator = CausalLMCollator() if documents is None else PackedCausalLMCollator(tokenizer)
-        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator,
-                           accuracy=TokenAccuracy(shift=True),
-                           tokens_per_sample=tokens_per_sample(samples.get("train"), block_size, documents is not None),
-                           eval_loss_per_token=documents is not None)
+        return train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator,
+                                  accuracy=TokenAccuracy(shift=True),
+                                  tokens_per_sample=tokens_per_sample(samples.get("train"), block_size,
+                                                                      documents is not None),
+                                  packed_documents=documents is not None)
 
 
 if __name__ == "__main__":

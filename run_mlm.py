@@ -44,7 +44,8 @@ class MaskedLMArguments(SequenceArguments):
             raise UsageError(f"--mlm_probability {self.mlm_probability}: give a number between 0 and 1")
 
 
-def main():
+def main() -> dict:
+    """Train and/or evaluate as the flags say; returns the metrics written (as all_results.json holds them)."""
     model_args, data_args, mlm_args, training_args = parse_args(MaskedLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
     with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
@@ -75,9 +76,10 @@ def main():
             )
 
         varying = mlm_args.line_by_line or documents is not None  # samples of their own lengths
-        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator, accuracy=TokenAccuracy(),
-                           tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, varying),
-                           eval_loss_per_token=documents is not None)
+        return train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator,
+                                  accuracy=TokenAccuracy(),
+                                  tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, varying),
+                                  packed_documents=documents is not None)
 
 
 if __name__ == "__main__":

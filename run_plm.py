@@ -50,7 +50,8 @@ class PermutationLMArguments(SequenceArguments):
             raise UsageError("--plm_probability must lie between 0 and 1, and --max_span_length be at least 1")
 
 
-def main():
+def main() -> dict:
+    """Train and/or evaluate as the flags say; returns the metrics written (as all_results.json holds them)."""
     model_args, data_args, plm_args, training_args = parse_args(PermutationLMArguments)
     start_run(training_args)  # logging, one process per device (torchrun), seeds
     with RunFolder.claim(training_args) as run:  # the lock on --output_dir, and what is left to do there
@@ -73,8 +74,9 @@ def main():
             tokenizer=tokenizer, plm_probability=plm_args.plm_probability, max_span_length=plm_args.max_span_length
         )
 
-        train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator, accuracy=TokenAccuracy(),
-                           tokens_per_sample=tokens_per_sample(samples.get("train"), seq_len, plm_args.line_by_line))
+        return train_and_evaluate(model, tokenizer, training_args, samples, run, collator=collator,
+                                  accuracy=TokenAccuracy(), tokens_per_sample=tokens_per_sample(
+                                      samples.get("train"), seq_len, plm_args.line_by_line))
 
 
 if __name__ == "__main__":

@@ -69,11 +69,13 @@ def worker(mode: str, script_args: list[str]) -> None:
         from utils.data.prepare import prepare_datasets
         from utils.model.loading import load_tokenizer
         from utils.data.raw import load_raw_datasets
+        from utils.eval.causal import CausalEvaluation
 
         model_args, data_args, clm_args, training_args = parse_script_args(run_clm.CausalLMArguments)
         raw = load_raw_datasets(model_args, data_args)
         prepare_datasets(raw, load_tokenizer(model_args), data_args, training_args, seq_len=clm_args.block_size,
-                         cache_dir=model_args.cache_dir)
+                         cache_dir=model_args.cache_dir,
+                         evaluation=CausalEvaluation(clm_args.block_size, clm_args.eval_stride))  # as run_clm.py
         return
     if mode == "hf":
         import utils.train.steps

@@ -3,11 +3,13 @@
 
     python scripts/results_table.py outputs/clm_8p_seed1 outputs/clm_8p_seed2 [...]
 
-| model | devices | Acc | FPS | AMP_Type | Epochs | perplexity | tokens/s | run |
+| model | devices | Acc | FPS | AMP_Type | Epochs | eval loss | perplexity | bits/byte | byte ppl | word ppl | tokens/s | run |
 
 model, devices, Acc, FPS, AMP_Type and Epochs mean what they mean in the launchers' summary
-row (utils/report/results.py); perplexity is exp(eval_loss), tokens/s is tokens per second over all
-devices after the warm-up steps (the Trainer's whole-run figure when there is none). Numbers
+row (utils/report/results.py); perplexity is exp(eval_loss); bits/byte, byte ppl and word ppl are
+the evaluation loss per byte and per word of the text (causal LMs, docs/evaluation.md); tokens/s is
+tokens per second over all devices after the warm-up steps (the Trainer's whole-run figure when there
+is none). Numbers
 come from all_results.json, the setup from run_info.json (written when training starts).
 A directory without all_results.json is reported on stderr and makes the exit status 2.
 """

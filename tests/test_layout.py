@@ -23,6 +23,7 @@ LAYERS = [
     ["utils.errors", "utils.dist"],  # the bottom: what a run is made to end with, and its processes
     ["utils.files", "utils.cli"],  # whole-file writes; the command line and the exit status
     ["utils.amp", "utils.data", "utils.model"],  # the components
+    ["utils.eval"],  # evaluation figures over the text: reads the data and the model's metrics
     ["utils.launch"],  # devices and processes
     ["utils.flags"],  # the flags, parsed and checked
     ["utils.runs"],  # the run folder

@@ -25,7 +25,7 @@ from utils.data.prepare import SampleRecipe
 from utils.data.raw import load_raw_datasets
 from utils.errors import UsageError
 from utils.model.documents import prepared_for_documents
-from utils.model.eval_loss import TokenWeightedLoss
+from utils.eval.loss_sum import TokenLossSum
 
 # Tiny models on a shared 2-core machine: a second thread per process only waits on the first.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -234,7 +234,7 @@ def test_masked_lm_never_masks_padding_or_special_tokens(tokenizers):
 
 def test_the_eval_loss_weighs_every_token_the_same():
     torch.manual_seed(0)
-    tally = TokenWeightedLoss(shift=False)
+    tally = TokenLossSum(shift=False)
     batches = []
     for masked in (0.05, 0.5):  # a sparse batch and a dense one: their means would weigh alike
         logits = torch.randn(3, 16, 40)
@@ -246,7 +246,7 @@ def test_the_eval_loss_weighs_every_token_the_same():
     labels = torch.cat([b[1] for b in batches]).view(-1)
     assert tally.tokens == int(labels.ne(-100).sum())
     expected = torch.nn.functional.cross_entropy(logits.double(), labels, ignore_index=-100).item()
-    assert tally.result() == pytest.approx(expected, abs=1e-6)
+    assert tally.mean() == pytest.approx(expected, abs=1e-6)
 
 
 def test_models_not_proven_are_refused():

@@ -59,13 +59,17 @@ def test_results_table_has_one_row_per_run_with_the_saved_numbers(run, tmp_path)
     process = run_tool("results_table.py", run.out, second)
     assert process.returncode == 0, process.stderr
     rows = table_rows(process.stdout)
-    assert list(rows[0])[:8] == ["model", "devices", "Acc", "FPS", "AMP_Type", "Epochs", "perplexity", "tokens/s"]
+    assert list(rows[0])[:12] == ["model", "devices", "Acc", "FPS", "AMP_Type", "Epochs", "eval loss", "perplexity",
+                                  "bits/byte", "byte ppl", "word ppl", "tokens/s"]
     assert len(rows) == 2
     first, r = rows[0], run.results
     assert (first["model"], first["devices"], first["AMP_Type"]) == ("gpt2", "1p", "fp32")
     assert first["Acc"] == f"{r['eval_accuracy']:.4f}"
     assert first["FPS"] == f"{r['fps']:.1f}"  # after the warm-up step, as in the launcher's row
     assert first["perplexity"] == f"{r['perplexity']:.2f}"
+    assert (first["eval loss"], first["bits/byte"], first["byte ppl"], first["word ppl"]) == (
+        f"{r['eval_loss']:.4f}", f"{r['eval_bits_per_byte']:.4f}", f"{r['eval_byte_perplexity']:.4f}",
+        f"{r['eval_word_perplexity']:.2f}")
     assert first["tokens/s"] == f"{r['fps_tokens_per_second']:.0f}"
     assert first["Epochs"] == f"{r['epoch']:.2f}"
     assert rows[1]["Acc"] == "0.5000"
@@ -131,6 +135,9 @@ def test_model_card_holds_data_metrics_precision_and_hardware(run, text_files):
     r = run.results
     for text in (str(text_files["train"]), f"| eval loss | {r['eval_loss']:.4f} |",
                  f"| perplexity | {r['perplexity']:.2f} |", f"| eval accuracy | {r['eval_accuracy']:.4f} |",
+                 f"| bits per byte | {r['eval_bits_per_byte']:.4f} |",
+                 f"| byte perplexity | {r['eval_byte_perplexity']:.4f} |",
+                 f"| word perplexity | {r['eval_word_perplexity']:.2f} |",
                  f"| train samples/s (whole run) | {r['train_samples_per_second']:.2f} |",
                  f"| tokens/s after warm-up | {r['fps_tokens_per_second']:.0f} |",
                  "- precision: fp32", "- device: cpu", "- processes: 1 (1p)"):

@@ -63,11 +63,12 @@ def assert_results(result: dict):
 
 
 def run_in_process(module_name: str, testargs: list[str], logger_of=None):
+    """``main()``'s result, as upstream's tests read it (``result = run_clm.main()``); with ``logger_of``,
+    what that logger wrote instead."""
     module = __import__(module_name)
     with patch.object(sys, "argv", testargs):
         if logger_of is None:
-            module.main()
-            return None
+            return module.main()
         with CaptureLogger(getattr(module, logger_of)) as captured:
             module.main()
         return captured.out
@@ -82,8 +83,8 @@ def test_run_clm(tiny_gpt2, sample_text, tmp_path):
         --do_train --do_eval --block_size 128 --per_device_train_batch_size 5 --per_device_eval_batch_size 5
         --num_train_epochs 2 --output_dir {tmp_path} --overwrite_output_dir --use_cpu
         """.split()
-    run_in_process("run_clm", testargs)
-    result = get_results(tmp_path)
+    result = run_in_process("run_clm", testargs)
+    assert result == get_results(tmp_path)  # main() returns what all_results.json holds
     assert_results(result)
     assert result["epoch"] == pytest.approx(2.0)
 
@@ -113,8 +114,8 @@ def test_run_mlm(tiny_roberta, sample_text, tmp_path):
         --output_dir {tmp_path} --overwrite_output_dir --do_train --do_eval --prediction_loss_only
         --num_train_epochs=1 --no_cuda --low_cpu_mem_usage
         """.split()
-    run_in_process("run_mlm", testargs)
-    result = get_results(tmp_path)
+    result = run_in_process("run_mlm", testargs)
+    assert result == get_results(tmp_path)
     assert math.isfinite(result["eval_loss"]) and result["perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
     assert "eval_accuracy" not in result  # --prediction_loss_only: the loss alone, as upstream
 
@@ -155,6 +156,15 @@ def test_run_plm_from_scratch_without_a_model_type(sample_text, tmp_path):
     assert read_json(tmp_path / "config.json")["n_layer"] == 2
     assert math.isfinite(get_results(tmp_path)["eval_loss"])
     assert read_json(tmp_path / "run_info.json")["script"] == "run_plm.py"
+
+
+def test_run_plm_main_returns_its_results(sample_text, tmp_path):
+    testargs = ["run_plm.py", "--model_type", "xlnet", "--tokenizer_name", str(TOKENIZERS / "xlnet-base-cased"),
+                "--config_overrides", "n_layer=1,d_model=32,n_head=2,d_head=16,d_inner=64", "--train_file",
+                str(sample_text), "--validation_file", str(sample_text), "--max_seq_length", "64", "--max_steps", "2",
+                "--do_train", "--do_eval", "--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu"]
+    result = run_in_process("run_plm", testargs)
+    assert result == get_results(tmp_path) and {"train_loss", "eval_loss", "perplexity"} <= result.keys()
 
 
 # ------------------------------------------------------------------ the seed's commands, offline

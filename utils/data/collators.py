@@ -23,10 +23,13 @@ def _stack(rows: list) -> torch.Tensor:
 
 
 class CausalLMCollator:
-    """Stacks equal-length blocks; the labels are the inputs (the model shifts them)."""
+    """Stacks equal-length blocks; the labels are the inputs (the model shifts them), or the samples' own
+    where they bring them (evaluation windows, scored on some of their tokens: utils/eval/windows.py)."""
 
     def __call__(self, examples) -> dict:
         input_ids = _stack(_input_ids(examples))
+        if isinstance(examples[0], Mapping) and "labels" in examples[0]:
+            return {"input_ids": input_ids, "labels": _stack([e["labels"] for e in examples])}
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 

@@ -47,10 +47,12 @@ STREAM_EVAL_SAMPLES = 1000
 
 def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, line_by_line: bool = False,
                      pad_to_max_length: bool = False, documents: DocumentPacker | None = None,
-                     cache_dir: str | None = None) -> dict:
+                     evaluation=None, cache_dir: str | None = None) -> dict:
     """Tokenized samples for the splits the run needs: ``{"train": ..., "eval": ...}``.
 
     ``documents``: --packing document's packer; None packs the stock way (one stream cut into blocks).
+    ``evaluation``: what makes the evaluation samples instead of the recipe's blocks, by its
+    ``samples(recipe, rows, max_samples, cached)`` (run_clm.py: utils/eval/causal.py).
     """
     if documents is not None and (line_by_line or pad_to_max_length):
         flag = "--line_by_line" if line_by_line else "--pad_to_max_length"
@@ -82,24 +84,31 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
             num_proc=data_args.preprocessing_num_workers,
             documents=documents,
         )
-        if isinstance(rows, IterableDataset):
-            if max_samples is None and name == "eval":
-                max_samples = STREAM_EVAL_SAMPLES
-                logger.info("Streaming: evaluating on the first %d samples (set --max_eval_samples to change it)",
-                            max_samples)
+        streamed = isinstance(rows, IterableDataset)
+        if streamed and max_samples is None and name == "eval":
+            max_samples = STREAM_EVAL_SAMPLES
+            logger.info("Streaming: evaluating on the first %d samples (set --max_eval_samples to change it)",
+                        max_samples)
+
+        def cached(recipe, max_samples: int | None) -> Dataset:
+            require_rows_with_text(rows, recipe.column, split, data_args)
+            # For local files the fingerprint follows the files' bytes (utils/data/raw.py), so edited text is a new key.
+            with training_args.main_process_first(desc=f"preparing the {split} split"):
+                return cached_samples(recipe, rows, rows._fingerprint, max_samples, data_args.overwrite_cache,
+                                      cache_dir)
+
+        if name == "eval" and evaluation is not None:
+            samples = evaluation.samples(recipe, rows, max_samples, cached)
+        elif streamed:
             samples = recipe.stream(rows)
             if max_samples is not None:
                 samples = samples.take(max_samples)
         else:
-            require_rows_with_text(rows, recipe.column, split, data_args)
-            # For local files the fingerprint follows the files' bytes (utils/data/raw.py), so edited text is a new key.
-            source = rows._fingerprint
-            with training_args.main_process_first(desc=f"preparing the {split} split"):
-                samples = cached_samples(recipe, rows, source, max_samples, data_args.overwrite_cache, cache_dir)
-            if len(samples) == 0:
-                raise UsageError(
-                    f"the {split} data gives no samples: is it empty, or shorter than one block of {seq_len} tokens?"
-                )
+            samples = cached(recipe, max_samples)
+        if not isinstance(samples, IterableDataset) and len(samples) == 0:
+            raise UsageError(
+                f"the {split} data gives no samples: is it empty, or shorter than one block of {seq_len} tokens?"
+            )
         result[name] = samples
     return result
 
@@ -133,7 +142,9 @@ class SampleRecipe:
             parts["documents"] = self.documents.key()
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
-    def tokenize(self, batch: dict) -> dict:
+    def tokenize(self, batch: dict, offsets: bool = False) -> dict:
+        """The rows' token ids; with ``offsets`` (grouped text, fast tokenizers) also each token's character
+        span in its row and which tokens the tokenizer added (utils/eval/text_units.py reads them)."""
         texts = batch[self.column]
         if self.line_by_line or self.documents is not None:
             texts = [text for text in texts if _has_text(text)]
@@ -149,7 +160,8 @@ class SampleRecipe:
             )
         else:
             # Long rows are fine here: they are cut into blocks (or documents into pieces) afterwards.
-            encoded = self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+            encoded = self.tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False,
+                                     return_offsets_mapping=offsets, return_special_tokens_mask=offsets)
         return dict(encoded)
 
     def _features(self):
@@ -320,4 +332,5 @@ def tokens_per_sample(samples, seq_len: int, varying: bool) -> float | None:
 
 
 def num_samples(samples) -> int | None:
-    return len(samples) if isinstance(samples, Dataset) else None
+    """How many samples a split holds; None for a stream, whose length is not known."""
+    return None if isinstance(samples, IterableDataset) else len(samples)

@@ -152,7 +152,8 @@ DEFAULT_CHUNK = 1024
 
 def loss_chunk_size(args, model, causal: bool, scores_needed: bool = False) -> int:
     """The chunk this run uses: ``--loss_chunk_size`` when given (refused where it cannot serve the model),
-    else the default. ``scores_needed``: the evaluation sums its loss from the scores (packed documents).
+    else the default. ``scores_needed``: the evaluation sums its loss from the scores, which the chunked
+    loss does not keep (packed documents, sliding windows: utils/eval/loss_sum.py).
 
     By default a causal LM's loss is chunked when the run trains on the CPU: there it was faster
     than the model's own loss and kept peak memory below the stock pipeline's (docs/benchmarks.md).
@@ -161,6 +162,10 @@ def loss_chunk_size(args, model, causal: bool, scores_needed: bool = False) -> i
     not a plain linear layer, DDP with find_unused_parameters.
     """
     if args.loss_chunk_size is not None:
+        if args.loss_chunk_size and scores_needed:
+            raise UsageError(f"--loss_chunk_size {args.loss_chunk_size} with an evaluation that sums its loss token "
+                             "by token (--eval_stride, --packing document) from the scores, which the chunked loss "
+                             "does not keep: leave --loss_chunk_size at 0, or evaluate in a run of its own")
         if args.loss_chunk_size:
             check_chunked_loss(args, model)
         return args.loss_chunk_size

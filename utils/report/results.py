@@ -92,7 +92,8 @@ def fps_of(results: dict) -> float | None:
     return results.get("fps", results.get("train_samples_per_second"))
 
 
-TABLE_COLUMNS = ["model", "devices", "Acc", "FPS", "AMP_Type", "Epochs", "perplexity", "tokens/s", "run"]
+TABLE_COLUMNS = ["model", "devices", "Acc", "FPS", "AMP_Type", "Epochs", "eval loss", "perplexity", "bits/byte",
+                 "byte ppl", "word ppl", "tokens/s", "run"]
 
 
 def results_cells(output_dir: str) -> dict | None:
@@ -109,7 +110,12 @@ def results_cells(output_dir: str) -> dict | None:
         "FPS": format_number(fps_of(results), ".1f"),
         "AMP_Type": info.get("amp_type", "n/a"),
         "Epochs": format_epochs(results.get("epoch")),
+        "eval loss": format_number(results.get("eval_loss"), ".4f"),
         "perplexity": format_number(results.get("perplexity"), ".2f"),
+        # Per byte and per word of the text (causal LMs only): comparable across tokenizers (docs/evaluation.md).
+        "bits/byte": format_number(results.get("eval_bits_per_byte"), ".4f"),
+        "byte ppl": format_number(results.get("eval_byte_perplexity"), ".4f"),
+        "word ppl": format_number(results.get("eval_word_perplexity"), ".2f"),
         "tokens/s": format_number(results.get("fps_tokens_per_second"), ".0f"),
         "run": output_dir.rstrip("/"),
     }
@@ -135,6 +141,9 @@ def summary_row(output_dir: str) -> str:
 _CARD_METRICS = (
     ("eval loss", "eval_loss", ".4f"),
     ("perplexity", "perplexity", ".2f"),
+    ("bits per byte", "eval_bits_per_byte", ".4f"),
+    ("byte perplexity", "eval_byte_perplexity", ".4f"),
+    ("word perplexity", "eval_word_perplexity", ".2f"),
     ("eval accuracy", "eval_accuracy", ".4f"),
     ("train loss", "train_loss", ".4f"),
     ("train samples/s (whole run)", "train_samples_per_second", ".2f"),

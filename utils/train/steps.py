@@ -24,12 +24,13 @@ logger = logging.getLogger(__name__)
 
 def train_and_evaluate(model, tokenizer, training_args, samples: dict, run: RunFolder, *, collator,
                        accuracy: TokenAccuracy, tokens_per_sample: float | None,
-                       eval_loss_per_token: bool = False) -> LMTrainer:
+                       packed_documents: bool = False) -> dict:
     """An LMTrainer on the prepared samples, then --do_train and --do_eval; the run is then finished.
 
     What the objective decides is given: the collator, the accuracy and the mean tokens in a
-    training sample; ``eval_loss_per_token`` for samples of packed documents (LMTrainer).
-    ``run`` (the claimed --output_dir) says what is left to do there.
+    training sample; ``packed_documents``: the samples are packed documents (LMTrainer).
+    ``run`` (the claimed --output_dir) says what is left to do there. Returns the metrics written
+    (train_results.json's, then eval_results.json's), as the scripts' main() does.
     """
     trainer = LMTrainer(
         model=model,
@@ -41,14 +42,15 @@ def train_and_evaluate(model, tokenizer, training_args, samples: dict, run: RunF
         accuracy=accuracy,
         tokens_per_sample=tokens_per_sample,
         run=run,
-        eval_loss_per_token=eval_loss_per_token,
+        packed_documents=packed_documents,
     )
+    metrics = {}
     if training_args.do_train:
-        train_and_save(trainer, num_samples(samples["train"]))
+        metrics.update(train_and_save(trainer, num_samples(samples["train"])))
     if training_args.do_eval:
-        evaluate_and_save(trainer, num_samples(samples["eval"]))
+        metrics.update(evaluate_and_save(trainer, num_samples(samples["eval"])))
     run.finish()
-    return trainer
+    return metrics
 
 
 def train_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
@@ -94,7 +96,8 @@ def train_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
 
 
 def evaluate_and_save(trainer: LMTrainer, n_samples: int | None) -> dict:
-    """Evaluate and write eval_results.json with loss, perplexity and accuracy, then the reports made from it."""
+    """Evaluate and write eval_results.json with loss, perplexity and accuracy (and for causal LMs the loss per byte
+    and per word, utils/eval/), then the reports made from it."""
     stop_after_training(trainer)
     run = trainer.run
     metrics = _evaluated_before(trainer) if run is not None and run.reached(EVALUATED) else None

@@ -10,10 +10,11 @@ from transformers import Trainer
 
 from utils.amp.config import precision_report
 from utils.amp.optimizer import implementation
+from utils.eval.loss_sum import TokenLossSum
+from utils.eval.windows import ScoredWindows
 from utils.launch.ddp import set_find_unused_parameters
 from utils.launch.device import device_name
 from utils.model.chunked_loss import ChunkedLoss, hidden_states_out, loss_chunk_size
-from utils.model.eval_loss import TokenWeightedLoss
 from utils.model.liger import check_liger
 from utils.model.loss import weigh_loss_by_num_items
 from utils.model.labelled_positions import LabelledPositions
@@ -52,11 +53,11 @@ class LMTrainer(Trainer):
                                     vocabulary of a padded one                   utils/model/vocab_padding.py
     ``compute_loss``                the head at the labelled positions only;     utils/model/labelled_positions.py
                                     ``--loss_chunk_size``;                       utils/model/chunked_loss.py,
-                                    the eval loss per token                      utils/model/eval_loss.py
+                                    the eval loss summed token by token          utils/eval/loss_sum.py
     ``training_step``, ``train``    non-finite steps out of the reported loss    utils/train/loss_tally.py
     ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
-    ``evaluation_loop``             streaming accuracy, perplexity; the eval     utils/model/metrics.py,
-                                    loss per token                               utils/model/eval_loss.py
+    ``evaluation_loop``             streaming accuracy, perplexity;              utils/model/metrics.py,
+                                    bits per byte, byte and word perplexity      utils/eval/windows.py
     ``get_train_dataloader``,       loader workers out of the process group      utils/train/stops.py
     ``get_eval_dataloader``
     ``_get_output_dir``,            complete-or-absent checkpoints               utils/train/checkpointing.py
@@ -72,12 +73,16 @@ class LMTrainer(Trainer):
     Accuracy is counted batch by batch (``batch_eval_metrics``) from argmax predictions, so no
     logits are collected and evaluation memory does not grow with the evaluation set.
     ``run``: the claimed --output_dir (utils/runs/folder.py), whose id every checkpoint carries.
-    ``eval_loss_per_token``: the eval loss weighs every predicted token the same (--packing document,
-    whose samples hold different numbers of them), instead of the Trainer's mean over samples.
+
+    The eval loss is summed token by token (utils/eval/loss_sum.py) instead of the Trainer's mean
+    over samples where samples predict different numbers of tokens: packed documents
+    (``packed_documents``, --packing document) and sliding windows (--eval_stride). An evaluation
+    set of windows over a token stream (``ScoredWindows``, run_clm.py) knows the text its scored
+    tokens cover: the evaluation adds the loss per byte and per word.
     """
 
     def __init__(self, *args, accuracy: TokenAccuracy, tokens_per_sample: float | None = None,
-                 run: RunFolder | None = None, eval_loss_per_token: bool = False, **kwargs):
+                 run: RunFolder | None = None, packed_documents: bool = False, **kwargs):
         training_args = kwargs["args"]
         training_args.batch_eval_metrics = True
         check_liger(training_args, kwargs["model"])  # a warning and off where Liger has no kernels for the model
@@ -98,12 +103,13 @@ class LMTrainer(Trainer):
         self.checkpoint_staging: str | None = None  # set while a checkpoint is written (utils/train/checkpointing.py)
         config = self.args.amp_config  # None: plain fp32, the Trainer's own precision handling
         self.precision = MixedPrecision(self, config) if config is not None else None
-        self.eval_loss = TokenWeightedLoss(shift=accuracy.shift) if eval_loss_per_token else None
+        self.packed_documents = packed_documents
+        self.loss_sum: TokenLossSum | None = None  # set while an evaluation sums its loss token by token
         # Masked LMs' and XLNet's head at the labelled positions only, unless --head_at_every_position.
         self.labelled_positions = None if self.args.head_at_every_position else LabelledPositions.of(self.model)
-        # Resolved once, so that training_args.bin says what ran; off by default where the eval loss needs the scores.
+        # Resolved once, so that training_args.bin says what ran; the sum needs the scores, which it does not keep.
         self.args.loss_chunk_size = loss_chunk_size(self.args, self.model, causal=accuracy.shift,
-                                                    scores_needed=eval_loss_per_token)
+                                                    scores_needed=self._sums_loss(self.eval_dataset))
         if self.args.loss_chunk_size:
             padding = VocabPadding.of(self.model)
             self.compute_loss_func = ChunkedLoss(self.model.get_output_embeddings(), self.args.loss_chunk_size,
@@ -122,6 +128,11 @@ class LMTrainer(Trainer):
         self.report = ReportCallback(self.describe_run, self.describe_start)
         self.callback_handler.callbacks.insert(0, self.report)
         setup_sharding(self)  # --fsdp on CPU processes too, and what each process holds
+
+    def _sums_loss(self, dataset) -> bool:
+        """Whether the evaluation of ``dataset`` sums its loss token by token (see the class doc)."""
+        return dataset is not None and (
+            self.packed_documents or (isinstance(dataset, ScoredWindows) and not dataset.uniform))
 
     def describe_loss(self) -> str:
         """Where the output head runs and how the loss is computed, in words, for the log."""
@@ -186,18 +197,20 @@ class LMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         labels = inputs.get("labels")  # before label smoothing takes them out of the batch
-        summing = self.eval_loss is not None and not model.training and labels is not None
+        summing = self.loss_sum is not None and not model.training and labels is not None
+        if summing:
+            inputs = {k: v for k, v in inputs.items() if k != "skip_logits"}  # liger's: the sum needs the scores
         if self.labelled_positions is None or labels is None:
             if not summing:
                 return self._model_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, outputs = self._model_loss(model, inputs, True, num_items_in_batch)
-            self.eval_loss.observe(outputs["logits"], labels, self.accelerator.gather_for_metrics)
+            self.loss_sum.observe(outputs["logits"], labels, self.accelerator.gather_for_metrics)
             return (loss, outputs) if return_outputs else loss
         with self.labelled_positions.labelled_only(inputs) as labelled:
             kept = labelled["labels"]  # the Trainer pops them for a compute_loss_func
             loss, outputs = self._model_loss(model, labelled, True, num_items_in_batch)
         if summing:
-            self.eval_loss.observe_labelled(outputs.logits, kept, labels, self.accelerator.gather_for_metrics)
+            self.loss_sum.observe_labelled(outputs.logits, kept, labels, self.accelerator.gather_for_metrics)
         if not return_outputs:
             return loss
         # Evaluation: argmax ids in the batch's shape, for the accuracy.
@@ -227,16 +240,24 @@ class LMTrainer(Trainer):
             self.loss_tally.fix_log(logs)
         super().log(logs, start_time)
 
-    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+    def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
         self.accuracy.reset()  # an interrupted earlier evaluation must not leak its counts
-        if self.eval_loss is not None:
-            self.eval_loss.reset()
-        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
-        if self.eval_loss is not None and self.eval_loss.tokens:
-            output.metrics[f"{metric_key_prefix}_loss"] = self.eval_loss.result()
+        dataset = getattr(dataloader, "dataset", None)
+        windows = dataset if isinstance(dataset, ScoredWindows) else None
+        self.loss_sum = TokenLossSum(shift=self.accuracy.shift) if self._sums_loss(dataset) else None
+        try:
+            output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+            if self.loss_sum is not None:
+                expected = windows.scored_tokens if windows is not None else None  # each token scored once
+                output.metrics[f"{metric_key_prefix}_loss"] = self.loss_sum.mean(expected)
+        finally:
+            self.loss_sum = None
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+            if windows is not None:
+                output.metrics.update({f"{metric_key_prefix}_{name}": value
+                                       for name, value in windows.figures(loss).items()})
         return output
 
     # ---------------------------------------------------------------- loaders and checkpoints
