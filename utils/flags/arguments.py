@@ -240,9 +240,12 @@ class _Parser(HfArgumentParser):
         sys.exit(2)
 
 
-def flag_parser(*types, prog: str | None = None) -> HfArgumentParser:
-    """The parser of these argument dataclasses' flags; errors are one line and exit status 2."""
-    return _Parser(types, prog=prog)
+def flag_parser(*types, prog: str | None = None, **options) -> HfArgumentParser:
+    """The parser of these argument dataclasses' flags; errors are one line and exit status 2.
+
+    ``options``: argparse's own (``allow_abbrev=False`` for a launcher that passes unknown flags on).
+    """
+    return _Parser(types, prog=prog, **options)
 
 
 def model_label(model_args) -> str:
