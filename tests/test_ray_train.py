@@ -2,28 +2,31 @@
 
 Two CPU workers train the tiny GPT-2 on real text; every run must end with the weights that
 ``torchrun --nproc_per_node 2 run_clm.py`` with the same flags ends with. Ray is an optional extra:
-without it these tests skip, except in CI (CI=true), where scripts/install.sh installs it
-(WITH_RAY=1) and they must run. Each run starts its own small local Ray, except the one that
-joins a cluster through RAY_ADDRESS (a local one this module starts, 2 CPUs, a small object store,
-no dashboard, shut down at the end). The test-only fault plugin (tests/fault_plugin) kills a
-worker, holds the run at a step for a stop, and plays a node being drained.
+without it the tests that need it skip, except in CI (CI=true), where scripts/install.sh installs
+it (WITH_RAY=1) and they must run. One run starts its own small local Ray, as a user's does; the
+stopped and resumed one joins a cluster through RAY_ADDRESS (a local one the test starts: 2 CPUs, a
+small object store, no dashboard). The test-only fault plugin (tests/fault_plugin) holds the run at
+a step for a stop, plays a node being drained and kills a worker.
 """
 
 import fcntl
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from conftest import FAULT_PLUGIN, ROOT, TINY, free_port, read_json
-from utils.cli import Ending
+from utils.cli import Command, Ending
+from utils.errors import UsageError
 from utils.runs.checkpoints import COMPLETE_MARKER
 from utils.train.stops import PreemptionCallback
 
@@ -74,16 +77,26 @@ def torchrun_run(text_files, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_run(text_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ray") / "out"
-    return out, run(ray_command(text_files, out), ray_env())
+@pytest.fixture
+def ray_cluster():
+    """A local Ray of 2 CPUs that the test starts and stops; runs join it through RAY_ADDRESS."""
+    import ray
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    context = ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
+    # Its token is in ~/.ray; ray.init turned token authentication on in this process's environment.
+    yield {"RAY_ADDRESS": context.address_info["gcs_address"], "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "")}
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @needs_ray
-def test_two_ray_workers_end_with_torchruns_weights(ray_run, torchrun_run):
-    out, process = ray_run
+def test_two_ray_workers_train_as_torchrun_does_and_the_rerun_does_nothing(torchrun_run, text_files, tmp_path):
+    out = tmp_path / "out"
+    process = run(ray_command(text_files, out), ray_env())  # on a local Ray it starts
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert "Started a local Ray instance" in process.stdout + process.stderr
     assert read_json(out / "run_info.json")["world_size"] == 2
     assert read_json(out / "run_info.json")["script"] == "run_clm.py"
     assert_same_weights(out, torchrun_run)
@@ -92,79 +105,58 @@ def test_two_ray_workers_end_with_torchruns_weights(ray_run, torchrun_run):
     # Each checkpoint was reported to Ray once complete, in place: Ray's result is the newest one.
     assert f"Ray Train's newest checkpoint: {out / 'checkpoint-30'}" in process.stdout
 
-
-@needs_ray
-def test_the_rerun_of_a_finished_run_does_nothing_before_ray_starts(ray_run, text_files):
-    out, _ = ray_run
     before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
-    process = run(ray_command(text_files, out), ray_env())
-    assert process.returncode == 0, process.stderr[-3000:]
-    assert process.stderr.strip().splitlines()[-1].startswith(f"nothing to do: {out} holds the finished run")
-    assert "Ray instance" not in process.stdout + process.stderr
+    rerun = run(ray_command(text_files, out), ray_env())
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stderr.strip().splitlines()[-1].startswith(f"nothing to do: {out} holds the finished run")
+    assert "Ray instance" not in rerun.stdout + rerun.stderr  # told before Ray starts
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray of 2 CPUs that this module starts and stops; runs join it through RAY_ADDRESS."""
-    import ray
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    context = ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
-    yield {"RAY_ADDRESS": context.address_info["gcs_address"], "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "")}
-    ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
+def stop_at(step: int, command, env, tmp_path) -> tuple[int, list[str]]:
+    """Run ``command`` until both workers end step ``step`` (the plugin's wait), then SIGTERM the driver."""
+    out = Path(command[command.index("--output_dir") + 1])
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   start_new_session=True)
+        try:
+            reached = [out / f"reached-{step}-{rank}" for rank in (0, 1)]
+            while not all(path.exists() for path in reached):
+                assert process.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+                time.sleep(0.2)
+            for path in reached:
+                path.unlink()
+            process.send_signal(signal.SIGTERM)  # as `ray job stop` does
+            status = process.wait(timeout=600)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    return status, (tmp_path / "stderr").read_text().strip().splitlines()
 
 
 @needs_ray
-def test_a_worker_killed_after_checkpoint_20_is_replaced_and_the_run_ends_as_torchrun_does(
+def test_a_stop_a_drained_node_and_a_killed_worker_each_keep_the_work_and_the_run_ends_as_torchrun_does(
         ray_cluster, torchrun_run, text_files, tmp_path):
     out = tmp_path / "out"
-    # SIGKILL to rank 1 at the end of step 21, in the first attempt only; the cluster's workers get the
-    # plan and the plugin only through the environment the run carries to them.
-    process = run(ray_command(text_files, out, "--max_failures", "1"), ray_env("kill@21/1", **ray_cluster))
-    log = process.stdout + process.stderr
-    assert process.returncode == 0, log[-4000:]
-    assert "Connected to Ray cluster" in log
-    assert "Ray Train restarted the group after a failure (attempt 2)" in log
-    # The newest complete checkpoint, whatever Ray had recorded by the time of the kill.
-    assert f"Resuming from {out / 'checkpoint-20'}" in log
-    assert read_json(out / "run_info.json")["world_size"] == 2
-    assert_same_weights(out, torchrun_run)
-
-
-@needs_ray
-def test_a_stop_to_the_driver_saves_a_checkpoint_and_the_rerun_resumes_to_torchruns_weights(
-        torchrun_run, text_files, tmp_path):
-    out = tmp_path / "out"
-    stderr = open(tmp_path / "stderr", "w")
-    process = subprocess.Popen(ray_command(text_files, out), cwd=ROOT, env=ray_env("wait@12"), stdout=subprocess.DEVNULL,
-                               stderr=stderr, start_new_session=True)
-    try:
-        reached = [out / f"reached-12-{rank}" for rank in (0, 1)]
-        while not all(path.exists() for path in reached):
-            assert process.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
-            time.sleep(0.2)
-        for path in reached:
-            path.unlink()
-        process.send_signal(signal.SIGTERM)  # as `ray job stop` does
-        status = process.wait(timeout=600)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    lines = (tmp_path / "stderr").read_text().strip().splitlines()
+    # On a cluster the workers get the fault plan and the plugin only through the environment the run carries.
+    status, lines = stop_at(12, ray_command(text_files, out), ray_env("wait@12", **ray_cluster), tmp_path)
     assert status == 143, "\n".join(lines[-40:])
+    assert "Connected to Ray cluster" in "\n".join(lines)
     assert lines[-1].startswith(f"stopped: SIGTERM received; saved {out}/checkpoint-12 at step 12 of 30")
     assert (out / "checkpoint-12" / COMPLETE_MARKER).is_file() and not (out / "model.safetensors").exists()
 
-    # The same command resumes; a node drained at step 14 gets its checkpoint at once, and the run goes on.
-    rerun = run(ray_command(text_files, out), ray_env("drain@14"))
+    # The same command resumes. A node drained at step 14 gets its checkpoint at once, and the run goes on;
+    # rank 1 is SIGKILLed at the end of step 21 (after checkpoint-20, in the first attempt only), and Ray
+    # restarts the group, which resumes from the newest complete checkpoint, whatever Ray had recorded.
+    rerun = run(ray_command(text_files, out, "--max_failures", "1"), ray_env("drain@14,kill@21/1", **ray_cluster))
     log = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, log[-4000:]
     assert f"Resuming from {out / 'checkpoint-12'}" in log
     assert "being drained (ranks [0]): saving a checkpoint at step 14" in log
     assert (out / "checkpoint-14" / COMPLETE_MARKER).is_file()
+    assert "Ray Train restarted the group after a failure (attempt 2)" in log
+    assert f"Resuming from {out / 'checkpoint-20'}" in log
+    assert read_json(out / "run_info.json")["world_size"] == 2
     assert_same_weights(out, torchrun_run)
 
 
@@ -183,18 +175,37 @@ def test_a_folder_in_use_is_refused_before_ray_starts(text_files, tmp_path):
     assert os.listdir(out) == []
 
 
-@pytest.mark.parametrize("launcher, error", [
-    (["clm", "--num_workers", "0"], "error: --num_workers 0: give 1 or more"),
-    (["clm", "--num_workers", "2", "--max_failures", "-2"], "error: --max_failures -2: give 0 or more, or -1"),
-    (["gpt", "--num_workers", "2"], "error: argument task: invalid choice: 'gpt'"),
-    (["clm", "--num_workers", "2", "--do_train"], "error: --output_dir: give the run's folder"),
-])
-def test_bad_launcher_input_is_one_line(launcher, error, tmp_path):
-    process = run([sys.executable, str(SCRIPT), *launcher, *(["--output_dir", str(tmp_path / "out")]
-                                                            if "--do_train" not in launcher else [])], ray_env())
-    assert process.returncode == 2
-    assert process.stderr.startswith(error) and len(process.stderr.strip().splitlines()) == 1
+def test_bad_launcher_input_is_one_line_before_ray_starts(tmp_path):
+    process = run([sys.executable, str(SCRIPT), "clm", "--num_workers", "0", "--output_dir", str(tmp_path / "out")],
+                  ray_env())
+    assert (process.returncode, process.stderr) == (2, "error: --num_workers 0: give 1 or more\n")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("launcher, error", [
+    (["clm", "--num_workers", "2", "--max_failures", "-2", "--output_dir", "out"],
+     "--max_failures -2: give 0 or more, or -1 for no limit"),
+    (["clm", "--num_workers", "2", "--do_train"], "--output_dir: give the run's folder"),
+])
+def test_the_launchers_own_checks(launcher, error):
+    from utils.raytrain.driver import parse_command
+
+    with pytest.raises(UsageError, match=f"^{re.escape(error)}"):
+        parse_command(Command("scripts/ray_train.py", tuple(launcher)))
+
+
+def test_the_launcher_passes_every_other_flag_on_and_the_folder_with_them(tmp_path):
+    from utils.raytrain.driver import parse_command
+
+    flags = tmp_path / "flags.json"
+    flags.write_text('{"output_dir": "from_file", "do_train": true}')
+    launcher, recipe, output_dir = parse_command(Command("scripts/ray_train.py", (
+        "--num_workers", "2", "mlm", "--max_failures", "3", "--num_train_epochs", "2", "--output_dir", "out")))
+    assert (launcher.num_workers, launcher.use_gpu, launcher.max_failures) == (2, False, 3)
+    assert recipe == Command(str(ROOT / "run_mlm.py"), ("--num_train_epochs", "2", "--output_dir", "out"))
+    assert output_dir == "out"
+    _, recipe, output_dir = parse_command(Command("scripts/ray_train.py", ("clm", "--num_workers", "1", str(flags))))
+    assert recipe.flag_file == str(flags) and output_dir == "from_file"
 
 
 def test_without_ray_the_entry_says_how_to_install_it(tmp_path):
