@@ -1,6 +1,6 @@
 """The layout is the architecture: utils/ as packages by concern, imports pointing down one declared order.
 
-``LAYERS`` is that order, lowest first (README.md's Layout shows the same). A module may import
+``LAYERS`` is that order, lowest first (docs/layout.md shows the same). A module may import
 modules of a lower layer, and modules of its own package; nothing else of the suite, counting
 imports inside functions too. The components (amp, data, model) import only the bottom layer.
 """
@@ -127,10 +127,9 @@ def test_no_test_module_imports_another():
     assert offenders == []
 
 
-def readme_tree() -> set[str]:
-    """The paths README.md's Layout tree shows under utils/ (two spaces of indent per level)."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index("## Layout"):].split("```")[1]
+def layout_tree() -> set[str]:
+    """The paths docs/layout.md's tree shows under utils/ (two spaces of indent per level)."""
+    block = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8").split("```")[1]
     paths, stack = set(), []
     for line in block.splitlines():
         match = re.match(r"( *)(\S+\.py|\S+/)(\s|$)", line)
@@ -143,11 +142,11 @@ def readme_tree() -> set[str]:
     return paths
 
 
-def test_readme_layout_is_the_folder_tree():
+def test_docs_layout_is_the_folder_tree():
     # Every module, and every package (its __init__.py), as the tree shows them: utils/amp, utils/amp/config.
     actual = {str(path.relative_to(ROOT).with_suffix("")).removesuffix("/__init__")
               for path in (ROOT / "utils").rglob("*.py") if path != ROOT / "utils" / "__init__.py"}
-    shown = {path.removesuffix(".py") for path in readme_tree()}
+    shown = {path.removesuffix(".py") for path in layout_tree()}
     assert shown == actual
 
 

@@ -21,6 +21,7 @@ from itertools import chain
 import torch
 import torch.distributed as dist
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
 from utils.amp.apex_bridge import choose_backend, initialize_apex
@@ -108,6 +109,16 @@ def all_reduce_mean(grads: list[torch.Tensor], world_size: int, pack: bool) -> N
             torch._foreach_copy_(group, [piece.view_as(grad) for piece, grad in zip(pieces, group)])
 
 
+def wraps_in_ddp(accelerator) -> bool:
+    """Whether the Trainer's ``accelerator.prepare`` would wrap the model in DDP.
+
+    accelerate decides by the process group's backend, not by its size: any torchrun start
+    counts, ``--nproc_per_node 1`` included.
+    """
+    return accelerator.distributed_type not in (DistributedType.NO, DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                                DistributedType.XLA)
+
+
 def from_torch_npu(optimizer_cls) -> bool:
     """torch_npu's fused optimizers (``--optim adamw_torch_npu_fused``): they keep the grads in a buffer of their own."""
     return (getattr(optimizer_cls, "__module__", None) or "").split(".")[0] == "torch_npu"
@@ -169,22 +180,27 @@ class MixedPrecision:
         # Once, here: the Trainer has put the model on its device, and builds the optimizer later.
         # Evaluation before any training then runs in the training precision too.
         prepare_model(model, self.config)
-        if trainer.args.world_size > 1:
+        if wraps_in_ddp(trainer.accelerator):
             self._reduce_grads_ourselves()
 
     def _reduce_grads_ourselves(self) -> None:
         """Under DDP, all-reduce our gradient buffers after backward instead of wrapping the model in DDP.
 
         DDP would all-reduce its own buckets during backward; with combine_grad the flat buffers are
-        already one tensor each, reduced once per optimizer step (``backward``).
+        already one tensor each, reduced once per optimizer step (``backward``). The model is prepared
+        here, before the optimizer's buffers exist, because preparing it moves it to accelerate's
+        device: under torchrun that is ``cpu:0`` even in a world of one process, and ``.to("cpu:0")``
+        copies every tensor that lives on plain ``cpu`` out of the flat buffers.
         """
         model = self.trainer.model
-        for tensor in chain(model.parameters(), model.buffers()):
-            if tensor.is_floating_point():
-                dist.broadcast(tensor.data, src=0)  # what DDP's constructor does: rank 0's weights everywhere
+        world_size = self.trainer.args.world_size
+        if world_size > 1:
+            for tensor in chain(model.parameters(), model.buffers()):
+                if tensor.is_floating_point():
+                    dist.broadcast(tensor.data, src=0)  # what DDP's constructor does: rank 0's weights everywhere
         # accelerate never wraps a model it has prepared already, so the Trainer's prepare() skips DDP.
         self.trainer.accelerator.prepare_model(model, evaluation_mode=True)
-        self._reduce_grads = True
+        self._reduce_grads = world_size > 1
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """``accelerator.backward`` with the fp16 loss scale; then our DDP all-reduce on the last micro-batch."""
