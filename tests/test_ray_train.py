@@ -203,9 +203,9 @@ def test_the_launcher_passes_every_other_flag_on_and_the_folder_with_them(tmp_pa
         "--num_workers", "2", "mlm", "--max_failures", "3", "--num_train_epochs", "2", "--output_dir", "out")))
     assert (launcher.num_workers, launcher.use_gpu, launcher.max_failures) == (2, False, 3)
     assert recipe == Command(str(ROOT / "run_mlm.py"), ("--num_train_epochs", "2", "--output_dir", "out"))
-    assert output_dir == "out"
+    assert output_dir == os.path.abspath("out")
     _, recipe, output_dir = parse_command(Command("scripts/ray_train.py", ("clm", "--num_workers", "1", str(flags))))
-    assert recipe.flag_file == str(flags) and output_dir == "from_file"
+    assert recipe.flag_file == str(flags) and output_dir == os.path.abspath("from_file")
 
 
 def test_without_ray_the_entry_says_how_to_install_it(tmp_path):

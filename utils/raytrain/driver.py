@@ -77,7 +77,7 @@ class RayTrainArguments:
 
 
 def parse_command(command: Command) -> tuple[RayTrainArguments, Command, str]:
-    """The launcher's flags, the recipe's command (run_TASK.py and the other flags) and its --output_dir."""
+    """The launcher's flags, the recipe's command (run_TASK.py and the other flags) and its --output_dir (absolute)."""
     parser = flag_parser(RayTrainArguments, prog="scripts/ray_train.py", allow_abbrev=False,
                          epilog="Every other flag is run_TASK.py's (see python run_clm.py --help).")
     parser.add_argument("task", choices=TASKS, help="The recipe: run_clm.py, run_mlm.py or run_plm.py.")
@@ -86,28 +86,18 @@ def parse_command(command: Command) -> tuple[RayTrainArguments, Command, str]:
     output_dir = read_flags(task.task, recipe.flags())[2]
     if not output_dir:
         raise UsageError("--output_dir: give the run's folder (Ray Train keeps its record of the run there too)")
-    return launcher, recipe, output_dir
+    return launcher, recipe, os.path.abspath(os.path.expanduser(output_dir))  # as TrainingArguments reads it
 
 
 def main() -> Ending:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     args, recipe, output_dir = parse_command(Command.of_process())
-    RunFolder.check_before_workers(output_dir, recipe.fingerprint())  # before Ray starts, and Ray's list goes
+    RunFolder.check_before_workers(output_dir, recipe.fingerprint())  # before Ray starts, and before Ray's list goes
     ray, train = _import_ray()
     _start_ray(ray, args)
-    from utils.raytrain.worker import train_worker  # imports Ray's training modules: after the check above
-
     control = ray.remote(num_cpus=0)(RunControl).remote()
-    output_dir = os.path.abspath(output_dir)
-    trainer = train.torch.TorchTrainer(
-        train_worker,
-        train_loop_config={"control": control, "cwd": os.getcwd(), "script": recipe.script, "args": recipe.args},
-        scaling_config=train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),
-        run_config=train.RunConfig(name=os.path.basename(output_dir), storage_path=os.path.dirname(output_dir),
-                                   failure_config=train.FailureConfig(max_failures=args.max_failures),
-                                   worker_runtime_env={"env_vars": worker_environment()}),
-    )
+    trainer = _trainer(train, args, recipe, output_dir, control)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(output_dir, RAY_CHECKPOINT_LIST))  # see the module doc
     result, error = _fit(trainer, control)
@@ -116,6 +106,20 @@ def main() -> Ending:
     endings = ray.get(control.endings.remote())
     ray.shutdown()  # the workers' last lines are printed before the run's own
     return run_ending(endings, error, args.max_failures)
+
+
+def _trainer(train, args: RayTrainArguments, recipe: Command, output_dir: str, control):
+    """The TorchTrainer of the run: its workers run ``recipe``, Ray's run folder is ``output_dir``."""
+    from utils.raytrain.worker import train_worker  # imports Ray Train's modules: only once Ray is known to be there
+
+    return train.torch.TorchTrainer(
+        train_worker,
+        train_loop_config={"control": control, "cwd": os.getcwd(), "script": recipe.script, "args": recipe.args},
+        scaling_config=train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),
+        run_config=train.RunConfig(name=os.path.basename(output_dir), storage_path=os.path.dirname(output_dir),
+                                   failure_config=train.FailureConfig(max_failures=args.max_failures),
+                                   worker_runtime_env={"env_vars": worker_environment()}),
+    )
 
 
 def _import_ray():

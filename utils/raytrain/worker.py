@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -43,6 +44,7 @@ from transformers import TrainerCallback
 
 from utils.cli import Command, ending
 from utils.dist import any_process
+from utils.errors import UsageError
 from utils.runs.checkpoints import checkpoint_name
 from utils.train.stops import PreemptionCallback, find_callback
 from utils.train.trainer import LAUNCHER_CALLBACKS
@@ -50,9 +52,9 @@ from utils.train.trainer import LAUNCHER_CALLBACKS
 logger = logging.getLogger(__name__)
 
 ATTEMPT_ENV = "LM_RAY_ATTEMPT"  # this group's attempt, from 1 (Ray Train restarts the whole group after a failure)
-STOP_POLL_SECONDS = 0.5
-ENDING_GRACE_SECONDS = 30.0
-DRAIN_CHECK_SECONDS = 2.0  # how often Ray is asked whether a node of the run is being drained  # how long a worker that ended with an error waits for the others to end
+STOP_POLL_SECONDS = 0.5  # how often a worker asks for the driver's stop
+ENDING_GRACE_SECONDS = 30.0  # how long a worker that ended with an error waits for the others to end
+DRAIN_CHECK_SECONDS = 2.0  # how often Ray is asked whether a node of the run is being drained
 
 
 class RecipeFailed(RuntimeError):
@@ -66,7 +68,6 @@ def train_worker(config: dict) -> None:
     control = config["control"]
     attempt = broadcast_from_rank_zero(ray.get(control.begin_attempt.remote()) if rank == 0 else None)
     os.environ[ATTEMPT_ENV] = str(attempt)
-    os.chdir(config["cwd"])  # Ray starts its workers in a folder of its own
     if attempt > 1 and rank == 0:
         logger.warning("Ray Train restarted the group after a failure (attempt %d); its last reported checkpoint "
                        "is %s", attempt, ray.train.get_checkpoint())
@@ -74,16 +75,28 @@ def train_worker(config: dict) -> None:
     stops = StopWatcher(control)
     callback = lambda trainer: RayTrainCallback(trainer, stops)  # noqa: E731
     LAUNCHER_CALLBACKS.append(callback)
-    try:
+
+    def run_recipe():
+        _enter(config["cwd"])
         with command.as_process_command():
-            recipe = importlib.import_module(os.path.splitext(command.name)[0])
-            end = ending(recipe.main)
+            importlib.import_module(os.path.splitext(command.name)[0]).main()
+
+    try:
+        end = ending(run_recipe)
     finally:
         LAUNCHER_CALLBACKS.remove(callback)
         stops.close()
     ray.get(control.end.remote(attempt, rank, end))
     if end.status != 0 and not _all_ended(control, world_size):
         raise RecipeFailed(end.line or f"exit status {end.status}")
+
+
+def _enter(folder: str) -> None:
+    """Work in the driver's working directory (Ray starts its workers in a folder of its own)."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"the folder ray_train.py was started in, {folder}, is not on node {socket.gethostname()}: "
+                         "start it in a folder that every node sees (a shared file system), as --output_dir must be")
+    os.chdir(folder)
 
 
 def _all_ended(control, world_size: int) -> bool:
