@@ -22,6 +22,10 @@ is passed on (to ``train_and_evaluate``): no other module decides about the fold
   unfinished run, starts over with ``--overwrite_output_dir``, and is refused in a finished run's
   folder without it.
 
+A launcher that starts the processes of a run itself (scripts/ray_train.py) asks
+``RunFolder.check_before_workers`` first: the lock and a finished run of the same command are
+answered there before anything starts; the processes claim the folder as any run does.
+
 Used as a context manager (``with RunFolder.claim(args) as run:``), a start refused with a
 ``UsageError`` lets the lock go and removes the folder if the claim made it and it is still empty.
 """
