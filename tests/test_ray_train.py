@@ -255,6 +255,11 @@ def test_the_run_ends_as_its_first_failed_worker_else_as_ray_else_as_rank_0():
         "nothing to do: ..."
     assert run_ending({0: stopped, 1: stopped}, None, 0) == stopped
     assert run_ending({0: refused}, RuntimeError("Training failed due to worker errors:\n..."), 1) == refused
-    gave_up = run_ending({}, RuntimeError("Training failed due to worker errors:\n[Rank 1 Error Snippet]"), 3)
-    assert gave_up.status == 1 and gave_up.line == ("error: Ray Train ended the run after 3 restart(s) "
-                                                    "(--max_failures): Training failed due to worker errors:")
+    gave_up = run_ending({}, RuntimeError("Controller failed\n..."), 3)
+    assert gave_up.status == 1 and gave_up.line == ("error: Ray Train gave up on the run (--max_failures 3): "
+                                                    "RuntimeError: Controller failed")
+    workers = RuntimeError("Training failed due to worker errors:\n...")
+    workers.worker_failures = {1: ConnectionError("The actor died unexpectedly.\n..."), 0: RuntimeError("\ngloo: reset")}
+    assert run_ending({}, workers, 0).line == ("error: Ray Train gave up on the run (--max_failures 0): rank 0: "
+                                               "RuntimeError: gloo: reset; rank 1: ConnectionError: The actor died "
+                                               "unexpectedly.")

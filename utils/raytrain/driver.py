@@ -220,7 +220,18 @@ def run_ending(endings: dict, error: BaseException | None, max_failures: int) ->
     if failed:
         return failed[0]
     if error is not None:
-        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return Ending(1, f"error: Ray Train ended the run after {max_failures} restart(s) (--max_failures): {cause}",
+        return Ending(1, f"error: Ray Train gave up on the run (--max_failures {max_failures}): {_cause(error)}",
                       went_through=False)
     return endings.get(0, Ending())
+
+
+def _cause(error: BaseException) -> str:
+    """Ray's error in one line: each failed worker's first line (Ray Train's WorkerGroupError), else its own."""
+    failures = getattr(error, "worker_failures", None) or {}
+    causes = [f"rank {rank}: {_first_line(failures[rank])}" for rank in sorted(failures)]
+    return "; ".join(causes) or _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
