@@ -84,11 +84,14 @@ def ray_cluster():
 
     saved = os.environ.get("RAY_AUTH_MODE")
     context = ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
-    # Its token is in ~/.ray; ray.init turned token authentication on in this process's environment.
-    yield {"RAY_ADDRESS": context.address_info["gcs_address"], "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "")}
+    # Its token is in ~/.ray; ray.init turned token authentication on in this process's environment,
+    # which the runs inherit (ray_env), until the test ends.
+    yield {"RAY_ADDRESS": context.address_info["gcs_address"]}
     ray.shutdown()
     if saved is None:
         os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
 
 
 @needs_ray
