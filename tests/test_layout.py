@@ -29,6 +29,7 @@ LAYERS = [
     ["utils.runs"],  # the run folder
     ["utils.report"],  # what a run says about itself
     ["utils.train"],  # the Trainer: the only code that subclasses or patches it
+    ["utils.raytrain"],  # the recipes run by Ray Train (scripts/ray_train.py; Ray an optional extra)
 ]
 UNIT_LAYER = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 

@@ -9,6 +9,7 @@ argument names a file of flags.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +30,17 @@ class Command:
     @classmethod
     def of_process(cls) -> Command:
         return cls(sys.argv[0], tuple(sys.argv[1:]))
+
+    @contextlib.contextmanager
+    def as_process_command(self):
+        """Within it, ``of_process()`` gives this command: for a launcher that runs a recipe's ``main()`` in a
+        process it started for itself (a Ray Train worker, utils/raytrain/worker.py)."""
+        started_as = sys.argv
+        sys.argv = [self.script, *self.args]
+        try:
+            yield self
+        finally:
+            sys.argv = started_as
 
     @property
     def name(self) -> str:
@@ -60,26 +72,42 @@ class Command:
         return flags
 
 
-def run_cli(main) -> NoReturn:
-    """Run ``main()`` and exit with the status its end calls for (``exit_process``: every time).
+@dataclass(frozen=True)
+class Ending:
+    """How a script's ``main()`` ended (``ending``)."""
 
-    ``UsageError``: ``error: ...`` on stderr, exit 2. ``TrainingStopped`` (preempted, non-finite
-    loss; see utils/train/stops.py): its one line and its own status. ``NothingToDo`` (the run
-    asked for is already done, utils/runs/folder.py): its one line, once, and 0.
+    status: int = 0  # the exit status
+    line: str | None = None  # the one line that says why, for stderr
+
+
+def ending(main) -> Ending:
+    """Run ``main()`` and say how it ended.
+
+    ``UsageError``: ``error: ...``, 2. ``TrainingStopped`` (preempted, non-finite loss; see
+    utils/train/stops.py): its one line and its own status. ``NothingToDo`` (the run asked for is
+    already done, utils/runs/folder.py): its one line, and 0. A ``main()`` that returns an ``Ending``
+    (a launcher passing on how its workers ended, utils/raytrain/driver.py) ended that way.
+    ``run_cli`` turns it into the exit; a launcher that runs the recipe in a process of its own
+    reports it (utils/raytrain/worker.py).
     """
-    exit_process(_status_of(main))
-
-
-def _status_of(main) -> int:
     try:
-        main()
+        returned = main()
     except UsageError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return 2
+        return Ending(2, f"error: {err}")
     except NothingToDo as done:
-        if is_first_process():  # once, not once per process
-            sys.stderr.write(f"{done}\n")
+        return Ending(0, str(done))
     except TrainingStopped as stop:
-        sys.stderr.write(f"{stop}\n")
-        return stop.exit_status
-    return 0
+        return Ending(stop.exit_status, str(stop))
+    return returned if isinstance(returned, Ending) else Ending()
+
+
+def run_cli(main) -> NoReturn:
+    """Run ``main()`` and exit with the status its end calls for (``ending``), its line on stderr.
+
+    A line with status 0 (nothing to do) is printed once, not once per process. The exit is
+    ``exit_process``'s, every time (a process in a process group leaves it first).
+    """
+    end = ending(main)
+    if end.line is not None and (end.status != 0 or is_first_process()):
+        sys.stderr.write(f"{end.line}\n")
+    exit_process(end.status)

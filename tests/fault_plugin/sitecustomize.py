@@ -10,8 +10,8 @@ LM_FAULT_PLAN holds comma-separated ``EVENT@STEP`` entries, ``EVENT@STEP/RANK`` 
 only. Events, at the end of optimizer step STEP unless said otherwise:
 
 * ``sigterm``, ``sigint``: that signal to this process.
-* ``kill``: SIGKILL to this process, in the first attempt only (under torchrun --max-restarts the
-  restarted processes go on).
+* ``kill``: SIGKILL to this process, in the first attempt only (under torchrun --max-restarts or
+  scripts/ray_train.py --max_failures the restarted processes go on).
 * ``kill_in_save``: SIGKILL while checkpoint-STEP is written, after its files, before it is published.
 * ``kill_after_save``: SIGKILL just after checkpoint-STEP is published (and rotated).
 * ``nan_loss``: the model's loss is NaN in step STEP.
@@ -19,6 +19,9 @@ only. Events, at the end of optimizer step STEP unless said otherwise:
   whether the model or ``--loss_chunk_size`` computes it).
 * ``wait``: touch ``OUTPUT_DIR/reached-STEP-RANK``, then wait (up to 5 minutes) until the run
   receives SIGTERM or SIGINT, so that a test can signal it at a known step.
+* ``drain``: under scripts/ray_train.py, what Ray Train does in a worker whose node is being drained
+  (it records the preemption for ``ray.train.get_preemption_info``); then a pause of the worker's
+  drain-check interval, so that the check at the end of this step asks Ray.
 * ``no_half_units``: the CPU reports no half-precision matrix units (STEP is ignored), so the start of
   a ``--fp16``/``--bf16`` run times a matmul for its precision hint.
 * ``sigterm_after_last_step``: SIGTERM once the last step is done (STEP is ignored), while the
@@ -56,7 +59,8 @@ def planned_faults() -> dict[str, int]:
 
 
 def _first_attempt() -> bool:
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    """Not a group that torchrun --max-restarts or Ray Train (utils/raytrain/worker.py) restarted."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("LM_RAY_ATTEMPT", "1") == "1"
 
 
 def _make_callback_class():
@@ -92,6 +96,8 @@ def _make_callback_class():
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.faults.get("wait") == step:
                 self._wait_for_a_signal(args, step)
+            if self.faults.get("drain") == step:
+                _mark_node_draining()
 
         def on_epoch_end(self, args, state, control, **kwargs):
             if "sigterm_after_last_step" in self.faults and state.global_step >= state.max_steps:
@@ -108,6 +114,18 @@ def _make_callback_class():
                 time.sleep(0.05)
 
     return FaultInjectionCallback
+
+
+def _mark_node_draining():
+    # Ray Train's PreemptionWatcher calls each worker's mark_preempt, which records this.
+    from ray.train.v2._internal.execution.context import get_train_context
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from utils.raytrain.worker import DRAIN_CHECK_SECONDS
+
+    rank = int(os.environ.get("RANK", "0"))
+    get_train_context().preemption_context.preemption_info = PreemptionInfo(None, {"drained-node": [rank]})
+    time.sleep(DRAIN_CHECK_SECONDS)
 
 
 def _nan_output(module, inputs, output):

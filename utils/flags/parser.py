@@ -69,9 +69,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class FlagParser(HfArgumentParser):
     """HfArgumentParser with the flags grouped by where they are defined, and one-line errors."""
 
-    def __init__(self, dataclass_types, prog: str | None = None):
+    def __init__(self, dataclass_types, prog: str | None = None, **options):
         self._flag_groups = {}
-        super().__init__(dataclass_types, prog=prog, usage=USAGE, epilog=EPILOG, formatter_class=_HelpFormatter)
+        options = {"usage": USAGE, "epilog": EPILOG, **options}  # the recipes' (run_TASK.py) unless given
+        super().__init__(dataclass_types, prog=prog, formatter_class=_HelpFormatter, **options)
 
     def _group(self, title: str):
         if not self._flag_groups:  # the named groups first, in their order, whatever dataclass comes first
@@ -120,6 +121,9 @@ class FlagParser(HfArgumentParser):
         return super().parse_dict(args, allow_extra_keys=allow_extra_keys)
 
 
-def flag_parser(*types, prog: str | None = None) -> FlagParser:
-    """The parser of these argument dataclasses' flags; errors are one line and exit status 2."""
-    return FlagParser(types, prog=prog)
+def flag_parser(*types, prog: str | None = None, **options) -> FlagParser:
+    """The parser of these argument dataclasses' flags; errors are one line and exit status 2.
+
+    ``options``: argparse's own (``allow_abbrev=False`` for a launcher that passes unknown flags on).
+    """
+    return FlagParser(types, prog=prog, **options)

@@ -26,6 +26,10 @@ is passed on (to ``train_and_evaluate``): no other module decides about the fold
   unfinished run, starts over with ``--overwrite_output_dir``, and is refused in a finished run's
   folder without it. A run that finishes clears what saves that were cut off left behind.
 
+A launcher that starts the processes of a run itself (scripts/ray_train.py) asks
+``RunFolder.check_before_workers`` first: the lock and a finished run of the same command are
+answered there before anything starts; the processes claim the folder as any run does.
+
 Used as a context manager (``with RunFolder.claim(args) as run:``), a start refused with a
 ``UsageError`` lets the lock go and removes the folder if the claim made it and it is still empty.
 """
@@ -54,11 +58,16 @@ RUN_INFO = "run_info.json"
 ALL_RESULTS = "all_results.json"
 MODEL_CARD = "README.md"
 SHARDING = "sharding.json"
+# Under scripts/ray_train.py --output_dir is also Ray Train's run folder, where Ray keeps these two
+# (names of Ray 2.x): the mark that the workers can reach the folder, and its list of the checkpoints reported.
+RAY_STORAGE_MARK = ".validate_storage_marker"
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
 # What a run leaves in --output_dir that is not a result to protect: the launchers' logs, the
 # run_info.json written at every start, our own staging folders cut off by a kill, the run's
-# record, and TensorBoard's runs/ of a run killed before its first checkpoint.
+# record, TensorBoard's runs/ of a run killed before its first checkpoint, and Ray Train's record.
 NOT_RESULTS = re.compile(rf"train(_node\d+)?\.log|{re.escape(RUN_INFO)}|{LEFTOVER.pattern}"
-                         rf"|{re.escape(RUN_STATE)}(\.tmp)?|runs")
+                         rf"|{re.escape(RUN_STATE)}(\.tmp)?|runs|{re.escape(RAY_STORAGE_MARK)}"
+                         rf"|{re.escape(RAY_CHECKPOINT_LIST)}")
 
 # The run's stages, in order (the module doc says what each means).
 STAGES = CLAIMED, TRAINING, TRAINED, EVALUATED, FINISHED = (
@@ -153,6 +162,19 @@ class RunFolder:
                 raise
         return folder
 
+    @classmethod
+    def check_before_workers(cls, output_dir: str, fingerprint: str) -> None:
+        """What a launcher can tell before it starts the workers of the command ``fingerprint``: ``UsageError``
+        when another run holds the folder's lock, ``NothingToDo`` when it holds this command's finished run."""
+        if not os.path.isdir(output_dir):
+            return
+        folder = cls(output_dir, writes=True)
+        folder._lock()
+        try:
+            folder._check_finished(read_run_state(output_dir), fingerprint)
+        finally:
+            folder.release()
+
     def __enter__(self) -> RunFolder:
         return self
 
@@ -163,11 +185,8 @@ class RunFolder:
         command = args.run_fingerprint
         on_disk = self._read_record(args) if os.path.isdir(self.output_dir) else None
         same = on_disk is not None and on_disk.command == command
+        self._check_finished(on_disk, command)
         if on_disk is not None and on_disk.stage not in UNFINISHED:
-            if same and on_disk.stage == FINISHED:
-                raise NothingToDo(
-                    f"nothing to do: {self.output_dir} holds the finished run of this same command, left as it is "
-                    "(delete the folder or choose another --output_dir to run it again)")
             if not same and not args.overwrite_output_dir:
                 raise UsageError(
                     f"--output_dir {self.output_dir} holds a finished run of another command, whose model and "
@@ -214,6 +233,12 @@ class RunFolder:
             f"--output_dir {self.output_dir} holds a run's results, its record {RUN_STATE} is missing or unreadable, "
             f"and {why}: this run cannot take them for its own; choose another --output_dir, or add "
             "--overwrite_output_dir to replace them")
+
+    def _check_finished(self, on_disk: RunState | None, command: str) -> None:
+        if on_disk is not None and on_disk.command == command and on_disk.stage == FINISHED:
+            raise NothingToDo(
+                f"nothing to do: {self.output_dir} holds the finished run of this same command, left as it is "
+                "(delete the folder or choose another --output_dir to run it again)")
 
     def _resume_point(self, args) -> str | None:
         if not args.do_train or self.training_done:

@@ -60,6 +60,7 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self):
         self.received: int | None = None  # set by the signal handler, read between steps
         self.stopped_at: int | None = None  # the step whose checkpoint was written on the way out
+        self.stops_from: str | None = None  # who calls request_stop where no signal handler can be set
         self._previous_handlers: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -70,12 +71,21 @@ class PreemptionCallback(TrainerCallback):
             for sig in STOP_SIGNALS:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
         except ValueError:  # handlers can only be set in the main thread (e.g. not in a notebook worker)
-            logger.warning("Not in the main thread: SIGTERM/SIGINT will stop training without a checkpoint")
+            if self.stops_from is None:
+                logger.warning("Not in the main thread: SIGTERM/SIGINT will stop training without a checkpoint")
+            else:
+                logger.info("Not in the main thread: %s passes stops on", self.stops_from)
 
-    def _on_signal(self, signum, frame):
+    def request_stop(self, signum: int) -> None:
+        """Stop as on a first ``signum`` to this process, from any thread: for a launcher that runs the recipe
+        in a worker thread, where no signal handler can be set (Ray Train, utils/raytrain/worker.py)."""
         # Only set a flag: the training loop acts on it between steps, where the state is consistent.
         if self.received is None:
             self.received, self._received_at = signum, time.monotonic()
+
+    def _on_signal(self, signum, frame):
+        if self.received is None:
+            self.request_stop(signum)
             return
         if signum == signal.SIGTERM or time.monotonic() - self._received_at < SAME_STOP_SECONDS:
             return  # the same stop, delivered again (to every process by systemd/Slurm, then by torchrun)
@@ -98,7 +108,7 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = False  # this step's checkpoint is already written
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.stopped_at is not None:
+        if self.stopped_at is not None and self._previous_handlers:  # handlers of ours: in the main thread
             # The checkpoint is written; nothing is left but to say so and exit.
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from utils.amp.config import precision_report
 from utils.amp.optimizer import implementation
@@ -31,6 +32,10 @@ from utils.train.sharding import setup_sharding
 from utils.train.stops import NonFiniteLossCallback, PreemptionCallback, workers_ignore_stops
 
 logger = logging.getLogger(__name__)
+
+# What the launcher running this process adds to every LMTrainer: callbacks, each made from the trainer
+# (utils/raytrain/worker.py: checkpoints reported to Ray Train, and its stops passed on).
+LAUNCHER_CALLBACKS: list[Callable[[Trainer], TrainerCallback]] = []
 
 
 class LMTrainer(Trainer):
@@ -68,7 +73,8 @@ class LMTrainer(Trainer):
     Callbacks every run gets: ``ReportCallback`` (run_info.json, utils/report/run_info.py),
     ``SpeedCallback`` (FPS, tokens/s, MFU, utils/report/speed.py), ``PreemptionCallback`` and
     ``NonFiniteLossCallback`` (utils/train/stops.py); with fp16, ``ScaleFloorCallback``
-    (utils/train/precision.py); with --fsdp, ``ShardingReport`` (utils/train/sharding.py).
+    (utils/train/precision.py); with --fsdp, ``ShardingReport`` (utils/train/sharding.py); and those
+    of the launcher, ``LAUNCHER_CALLBACKS``.
 
     Accuracy is counted batch by batch (``batch_eval_metrics``) from argmax predictions, so no
     logits are collected and evaluation memory does not grow with the evaluation set.
@@ -124,6 +130,8 @@ class LMTrainer(Trainer):
         for callback in (self.loss_tally, self.speed, PreemptionCallback(),
                          NonFiniteLossCallback(self.loss_tally, self.args.on_nonfinite_loss, scaler_skips=scaler_skips)):
             self.add_callback(callback)
+        for make_callback in LAUNCHER_CALLBACKS:
+            self.add_callback(make_callback(self))
         # First of all callbacks: the run setup is logged before the progress bar starts.
         self.report = ReportCallback(self.describe_run, self.describe_start)
         self.callback_handler.callbacks.insert(0, self.report)
