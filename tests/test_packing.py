@@ -249,6 +249,22 @@ def test_the_eval_loss_weighs_every_token_the_same():
     assert tally.mean() == pytest.approx(expected, abs=1e-6)
 
 
+def test_the_eval_loss_from_the_labelled_positions_alone_is_the_full_heads():
+    # Masked LMs score their labelled positions only (utils/model/labelled_positions.py): the same sums per sample.
+    torch.manual_seed(0)
+    logits = torch.randn(3, 16, 40)
+    labels = torch.where(torch.rand(3, 16) < 0.2, torch.randint(0, 40, (3, 16)), torch.tensor(-100))
+    labels[0, 0], labels[2] = 7, -100  # a sample with no label at all
+    gathered = {}
+    full, labelled = TokenLossSum(shift=False), TokenLossSum(shift=False)
+    full.observe(logits, labels, gather=lambda rows: gathered.setdefault("full", rows))
+    kept = labels.ne(-100)
+    labelled.observe_labelled(logits[kept], labels[kept], labels, gather=lambda rows: gathered.setdefault("only", rows))
+    assert torch.allclose(gathered["only"], gathered["full"], atol=1e-5)
+    assert labelled.tokens == full.tokens == int(kept.sum())
+    assert labelled.mean() == pytest.approx(full.mean(), abs=1e-6)
+
+
 def test_models_not_proven_are_refused():
     for model in (XLNetLMHeadModel(XLNetConfig(n_layer=1, d_model=32, n_head=2, d_inner=64)),
                   BertLMHeadModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
