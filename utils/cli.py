@@ -109,5 +109,14 @@ def run_cli(main) -> NoReturn:
     """
     end = ending(main)
     if end.line is not None and (end.status != 0 or is_first_process()):
+        _close_progress_bars()
         sys.stderr.write(f"{end.line}\n")
     exit_process(end.status)
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a stopped or refused run left open, so that its line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
