@@ -255,7 +255,8 @@ def test_launchers_read_4x_flags_as_the_scripts_do():
 
 
 def test_result_row_names_a_model_built_from_config_name():
-    from utils.flags.arguments import ModelArguments, model_label
+    from utils.flags.arguments import ModelArguments
+    from utils.flags.run_identity import model_label
 
     assert model_label(ModelArguments(config_name="configs/roberta-base/")) == "roberta-base"
     assert model_label(ModelArguments(model_type="gpt2")) == "gpt2"

@@ -133,8 +133,10 @@ def _nan_output(module, inputs, output):
 
 
 def _nan_loss(module, inputs, outputs):
-    if module.training and outputs.get("loss") is not None:
-        outputs["loss"] = outputs["loss"] * float("nan")
+    if module.training:
+        # Without a loss of the model's own, the chunked loss (--loss_chunk_size) computes it from these.
+        key = "loss" if outputs.get("loss") is not None else "logits"
+        outputs[key] = outputs[key] * float("nan")
     return outputs
 
 

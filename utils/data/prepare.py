@@ -90,11 +90,12 @@ def prepare_datasets(raw, tokenizer, data_args, training_args, *, seq_len: int, 
             logger.info("Streaming: evaluating on the first %d samples (set --max_eval_samples to change it)",
                         max_samples)
 
-        def cached(recipe, max_samples: int | None) -> Dataset:
+        def cached(maker, max_samples: int | None) -> Dataset:
+            """What the tokenized-data cache holds for ``rows`` as ``maker`` (the recipe, or the evaluation's) makes it."""
             require_rows_with_text(rows, recipe.column, split, data_args)
             # For local files the fingerprint follows the files' bytes (utils/data/raw.py), so edited text is a new key.
             with training_args.main_process_first(desc=f"preparing the {split} split"):
-                return cached_samples(recipe, rows, rows._fingerprint, max_samples, data_args.overwrite_cache,
+                return cached_samples(maker, rows, rows._fingerprint, max_samples, data_args.overwrite_cache,
                                       cache_dir)
 
         if name == "eval" and evaluation is not None:

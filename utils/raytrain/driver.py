@@ -45,7 +45,8 @@ from utils.flags.launch_flags import read_flags
 from utils.flags.parser import flag_parser
 from utils.launch.auto_ddp import PROJECT_ROOT
 from utils.raytrain.control import RunControl
-from utils.runs.folder import RAY_CHECKPOINT_LIST, RunFolder
+from utils.runs.folder import RunFolder
+from utils.runs.record import RAY_CHECKPOINT_LIST
 from utils.train.stops import SAME_STOP_SECONDS, STOP_SIGNALS
 
 logger = logging.getLogger(__name__)

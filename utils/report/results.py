@@ -29,7 +29,7 @@ import os
 
 from utils.errors import UsageError
 from utils.files import read_json, write_text
-from utils.runs.folder import ALL_RESULTS, MODEL_CARD, RUN_INFO
+from utils.runs.record import ALL_RESULTS, MODEL_CARD, RUN_INFO
 
 logger = logging.getLogger(__name__)
 

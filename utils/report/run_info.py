@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 from utils.files import read_json, write_json
 from utils.launch.device import describe_device, tf32_matmul
 from utils.report.speed import effective_batch_size
-from utils.runs.folder import RUN_INFO, describe_output_dir
+from utils.runs.folder import describe_output_dir
+from utils.runs.record import RUN_INFO
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""--output_dir as one run holds it: its files' names, its lock, its record, and what this start does there.
+"""--output_dir as one run holds it: its lock, its record (utils/runs/record.py), and what this start does there.
 
 ``RunFolder.claim(training_args)`` is called once by every recipe and the ``RunFolder`` it returns
 is passed on (to ``train_and_evaluate``): no other module decides about the folder.
@@ -9,7 +9,7 @@ is passed on (to ``train_and_evaluate``): no other module decides about the fold
   it. A second run into a locked folder stops with one line.
 * **The run's record**, ``OUTPUT_DIR/run_state.json``: a random id, new whenever a run starts
   from step 0; a fingerprint of the command that last ran it (its parsed settings,
-  ``utils.flags.arguments.settings_fingerprint``); and its stage (``STAGES``, in order):
+  ``utils.flags.run_identity.settings_fingerprint``); and its stage (``STAGES``, in order):
   ``claimed`` (the folder is this run's, no step taken), ``training``, ``trained`` (final model
   and train results written), ``evaluated`` (eval_results.json written) and ``finished``. Each
   stage is written, whole, before the work that follows it, so that a rerun after a crash at any
@@ -40,67 +40,18 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from utils.errors import NothingToDo, UsageError
-from utils.files import NO_SPACE, read_json, write_json
-from utils.runs.checkpoints import (CHECKPOINT, DAMAGED_PREFIX, LEFTOVER, checkpoint_dirs, clear_checkpoints,
-                                    given_checkpoint, newest_complete_checkpoint, read_marker, remove_leftovers)
+from utils.files import NO_SPACE, write_json
+from utils.runs.checkpoints import (DAMAGED_PREFIX, checkpoint_dirs, clear_checkpoints, given_checkpoint,
+                                    newest_complete_checkpoint, read_marker, remove_leftovers)
+from utils.runs.record import (FINISHED, NOT_RESULTS, RUN_STATE, STAGES, TRAINED, TRAINING, UNFINISHED, RunState,
+                               read_run_state, run_results)
 from utils.runs.resume_check import check_resumable
 
 logger = logging.getLogger(__name__)
-
-# The files a run writes into --output_dir besides the model and its checkpoints.
-RUN_STATE = "run_state.json"
-RUN_INFO = "run_info.json"
-ALL_RESULTS = "all_results.json"
-MODEL_CARD = "README.md"
-SHARDING = "sharding.json"
-# Under scripts/ray_train.py --output_dir is also Ray Train's run folder, where Ray keeps these two
-# (names of Ray 2.x): the mark that the workers can reach the folder, and its list of the checkpoints reported.
-RAY_STORAGE_MARK = ".validate_storage_marker"
-RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
-# What a run leaves in --output_dir that is not a result to protect: the launchers' logs, the
-# run_info.json written at every start, our own staging folders cut off by a kill, the run's
-# record, TensorBoard's runs/ of a run killed before its first checkpoint, and Ray Train's record.
-NOT_RESULTS = re.compile(rf"train(_node\d+)?\.log|{re.escape(RUN_INFO)}|{LEFTOVER.pattern}"
-                         rf"|{re.escape(RUN_STATE)}(\.tmp)?|runs|{re.escape(RAY_STORAGE_MARK)}"
-                         rf"|{re.escape(RAY_CHECKPOINT_LIST)}")
-
-# The run's stages, in order (the module doc says what each means).
-STAGES = CLAIMED, TRAINING, TRAINED, EVALUATED, FINISHED = (
-    "claimed", "training", "trained", "evaluated", "finished")
-UNFINISHED = (CLAIMED, TRAINING)  # training goes on (or starts) in a rerun
-
-
-@dataclass
-class RunState:
-    run_id: str
-    command: str
-    stage: str = CLAIMED
-
-
-def read_run_state(output_dir: str) -> RunState | None:
-    try:
-        data = read_json(os.path.join(output_dir, RUN_STATE))
-        if data is None:
-            return None
-        state = RunState(str(data["run_id"]), str(data["command"]), str(data["stage"]))
-        if state.stage not in STAGES:
-            raise ValueError(state.stage)
-        return state
-    except (UsageError, OSError, KeyError, TypeError, ValueError):
-        logger.warning("Ignoring %s: it cannot be read", os.path.join(output_dir, RUN_STATE))
-        return None
-
-
-def run_results(output_dir: str) -> list[str]:
-    """What a run wrote into --output_dir once trained (its model, results, model card), by name."""
-    return [name for name in os.listdir(output_dir)
-            if not (NOT_RESULTS.fullmatch(name) or CHECKPOINT.fullmatch(name) or name.startswith(DAMAGED_PREFIX))]
-
 
 def check_output_dir(output_dir: str) -> None:
     """A folder we can write into, or one we can create; checked without creating anything."""

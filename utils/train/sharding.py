@@ -21,7 +21,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import TrainerCallback
 
 from utils.errors import UsageError
-from utils.runs.folder import SHARDING
+from utils.runs.record import SHARDING
 
 logger = logging.getLogger(__name__)
 

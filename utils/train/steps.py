@@ -12,7 +12,8 @@ from utils.files import read_json
 from utils.model.metrics import TokenAccuracy, perplexity
 from utils.report.results import write_model_card
 from utils.report.run_info import write_run_info
-from utils.runs.folder import EVALUATED, TRAINED, TRAINING, RunFolder
+from utils.runs.folder import RunFolder
+from utils.runs.record import EVALUATED, TRAINED, TRAINING
 from utils.train.checkpointing import save_model_atomically
 from utils.train.failures import run_guard
 from utils.train.loss_tally import saved_mean_loss
