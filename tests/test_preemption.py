@@ -140,8 +140,10 @@ def test_a_plain_run_with_dataloader_workers_checkpoints_on_a_sigterm(whom, work
     if whom == "group":
         os.killpg(process.pid, signal.SIGTERM)
     else:
-        loaders = psutil.Process(process.pid).children(recursive=True)
-        assert len(loaders) >= workers
+        deadline = time.monotonic() + 60  # between epochs the loader's workers are started anew
+        while len(loaders := psutil.Process(process.pid).children(recursive=True)) < workers:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
         for pid in [process.pid, *(child.pid for child in loaders)]:
             os.kill(pid, signal.SIGTERM)
     status = finish(process)

@@ -184,7 +184,7 @@ def test_the_same_settings_written_another_way_are_the_same_command(uninterrupte
 
 def test_two_commands_are_the_same_when_their_parsed_settings_are(tmp_path, monkeypatch):
     from utils.cli import Command
-    from utils.flags.arguments import parse_args
+    from utils.flags.arguments import command_fingerprint, parse_args
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.txt").write_text("text\n", encoding="utf-8")
@@ -200,6 +200,9 @@ def test_two_commands_are_the_same_when_their_parsed_settings_are(tmp_path, monk
     flag_file.write_text(json.dumps({"output_dir": "out", "learning_rate": 0.00005, "train_file": "train.txt",
                                      "do_train": True}), encoding="utf-8")
     assert fingerprint(flag_file) == same
+    # What a launcher asks before it starts the processes (scripts/ray_train.py): the same, without a device.
+    assert command_fingerprint(Command("run_clm.py", ("--train_file", "train.txt", "--do_train", "--output_dir", "o",
+                                                      "--learning_rate", "5e-5"))) == same
     assert fingerprint("--do_train", "--train_file", "train.txt", "--learning_rate", "1e-3",
                        "--output_dir", "out") != same
     (tmp_path / "other").mkdir()

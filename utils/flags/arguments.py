@@ -18,7 +18,7 @@ from utils.flags.checks import (AMP_BACKENDS, check_chunk_flags, check_counts, c
                                 check_packing_flags, check_sample_counts, check_scaling_flags, precision_config)
 from utils.flags.legacy import translate_flags, translate_values
 from utils.flags.parser import DATA, MODEL, PRECISION, RUN, flag_parser
-from utils.flags.run_identity import note_run
+from utils.flags.run_identity import note_run, settings_fingerprint
 from utils.launch.device import check_placement, setup_device, training_defaults
 
 
@@ -301,12 +301,9 @@ def parse_args(*task_dataclasses, command: Command | None = None):
     Every dataclass checks its flags as it is built. Returns the instances in order.
     """
     command = command or Command.of_process()
-    parser = flag_parser(ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments, prog=command.name)
-    if command.flag_file:
-        values, environ = translate_values(command.flag_file_values())
-    else:
-        flags, environ = translate_flags(list(command.args))  # 4.x flags as today's (utils/flags/legacy.py)
-        values = vars(parser.parse_args(flags))
+    parser = _parser(command, task_dataclasses)
+    values, environ = _read_values(parser, command)
+    fingerprint = settings_fingerprint(command.name, parser, values)
     os.environ.update(environ)
     device = setup_device(use_cpu=bool(values.get("use_cpu")))
     for name, value in training_defaults(device).items():
@@ -319,5 +316,24 @@ def parse_args(*task_dataclasses, command: Command | None = None):
         raise UsageError(" ".join(str(err).split())) from None
     check_placement(parsed[-1], device)
     check_packing_flags(parsed[1], parsed[-1])
-    note_run(parsed, command)
+    note_run(parsed, command, fingerprint)
     return parsed
+
+
+def command_fingerprint(command: Command, *task_dataclasses) -> str:
+    """The fingerprint ``parse_args`` notes for ``command``, read without choosing a device or building anything
+    (for a launcher that asks before it starts the run's processes)."""
+    parser = _parser(command, task_dataclasses)
+    return settings_fingerprint(command.name, parser, _read_values(parser, command)[0])
+
+
+def _parser(command: Command, task_dataclasses):
+    return flag_parser(ModelArguments, DataArguments, *task_dataclasses, LMTrainingArguments, prog=command.name)
+
+
+def _read_values(parser, command: Command) -> tuple[dict, dict]:
+    """The flags' values as the parser reads them, and the environment variables 4.x flags stand for."""
+    if command.flag_file:
+        return translate_values(command.flag_file_values())
+    flags, environ = translate_flags(list(command.args))  # 4.x flags as today's (utils/flags/legacy.py)
+    return vars(parser.parse_args(flags)), environ

@@ -3,7 +3,6 @@ its settings, noted on the training arguments once the flags are parsed (``note_
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,20 +36,33 @@ NAME_OR_PATH_SETTINGS = ("model_name_or_path", "config_name", "tokenizer_name", 
 NOT_COMPARED = (*SECRET_FIELDS, "output_dir")
 
 
-def settings_fingerprint(script: str, parsed) -> str:
-    """What tells one command from another: the script and every setting as parsed (see NOT_COMPARED).
+def settings_fingerprint(script: str, parser, values: dict) -> str:
+    """What tells one command from another: the script and every setting as ``parser`` reads it into ``values``,
+    its defaults filled in (see NOT_COMPARED).
 
-    Parsed, not as typed: 5e-5 and 0.00005, the flags in another order, a path written another way
-    or a file of flags holding the same settings all give the same fingerprint.
+    Read, not as typed: 5e-5 and 0.00005, the flags in another order, a path written another way
+    or a file of flags holding the same settings all give the same fingerprint. Taken before the
+    device is chosen and TrainingArguments are built (which fill in what each process differs in,
+    its local rank), so every process of a run, and a launcher asking before it starts them
+    (scripts/ray_train.py), gets the same one.
     """
     settings = {}
-    for arguments in parsed:
-        for item in dataclasses.fields(arguments):
-            if item.init and item.name not in NOT_COMPARED:
-                value = _resolved(item.name, getattr(arguments, item.name))
-                settings[f"{type(arguments).__name__}.{item.name}"] = value
+    for action in parser._actions:  # a --no_X flag shares X's name: the first, X's own, counts
+        if action.dest not in settings and action.dest != "help" and action.dest not in NOT_COMPARED:
+            value = _typed(action, values.get(action.dest, parser.get_default(action.dest)))
+            settings[action.dest] = _resolved(action.dest, value)
     text = json.dumps([os.path.basename(script), settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _typed(action, value):
+    """A value of a file of flags (JSON: 3 for 3.0, "5e-5" for a number) as the command line's parser types it."""
+    if value is None or not callable(action.type):
+        return value
+    try:
+        return [action.type(item) for item in value] if isinstance(value, list) else action.type(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _resolved(name: str, value):
@@ -61,12 +73,13 @@ def _resolved(name: str, value):
     return value
 
 
-def note_run(parsed, command: Command) -> None:
-    """Note on the training arguments what the run is: its model, data and command (hub tokens masked)."""
+def note_run(parsed, command: Command, fingerprint: str) -> None:
+    """Note on the training arguments what the run is: its model, data, command (hub tokens masked) and the
+    fingerprint of its settings (``settings_fingerprint``)."""
     model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
     training_args.run_model = model_label(model_args)
     training_args.run_dataset = dataset_label(data_args)
     # Masked by the values the parser found, however they were spelled (utils/flags/secrets.py).
     secrets = secret_values(model_args, training_args)
     training_args.run_command = [command.name, *mask_command(command.flags(), secrets)]
-    training_args.run_fingerprint = settings_fingerprint(command.name, parsed)
+    training_args.run_fingerprint = fingerprint

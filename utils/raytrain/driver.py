@@ -31,6 +31,8 @@ else on a local Ray started here with one CPU per worker at least.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import logging
 import os
 import signal
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 
 from utils.cli import Command, Ending
 from utils.errors import UsageError
+from utils.flags.arguments import command_fingerprint
 from utils.flags.launch_flags import read_flags
 from utils.flags.parser import flag_parser
 from utils.launch.auto_ddp import PROJECT_ROOT
@@ -92,11 +95,19 @@ def parse_command(command: Command) -> tuple[RayTrainArguments, Command, str]:
     return launcher, recipe, os.path.abspath(os.path.expanduser(output_dir))  # as TrainingArguments reads it
 
 
+def task_arguments(recipe: Command) -> list[type]:
+    """The recipe's own argument dataclasses: those its script (run_TASK.py) defines."""
+    script = importlib.import_module(os.path.splitext(recipe.name)[0])
+    return [value for value in vars(script).values()
+            if dataclasses.is_dataclass(value) and value.__module__ == script.__name__]
+
+
 def main() -> Ending:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
     args, recipe, output_dir = parse_command(Command.of_process())
-    RunFolder.check_before_workers(output_dir, recipe.fingerprint())  # before Ray starts, and before Ray's list goes
+    # Before Ray starts, and before Ray's list goes.
+    RunFolder.check_before_workers(output_dir, command_fingerprint(recipe, *task_arguments(recipe)))
     ray, train = _import_ray()
     _start_ray(ray, args)
     control = ray.remote(num_cpus=0)(RunControl).remote()
