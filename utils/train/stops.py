@@ -35,7 +35,6 @@ import os
 import signal
 import time
 
-import torch
 from transformers import TrainerCallback
 
 from utils.dist import any_process

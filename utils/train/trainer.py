@@ -63,7 +63,7 @@ class LMTrainer(Trainer):
     ``log``                         tokens/s, loss scale beside the loss         utils/report/speed.py
     ``evaluation_loop``             streaming accuracy, perplexity;              utils/model/metrics.py,
                                     bits per byte, byte and word perplexity      utils/eval/windows.py
-    ``get_train_dataloader``,       loader workers out of the process group      utils/train/stops.py
+    ``get_train_dataloader``,       loader workers ignore SIGTERM and SIGINT     utils/train/stops.py
     ``get_eval_dataloader``
     ``_get_output_dir``,            complete-or-absent checkpoints               utils/train/checkpointing.py
     ``_save_checkpoint``
